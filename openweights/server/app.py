@@ -1,0 +1,147 @@
+"""The openweights server: one FastAPI app for the SDK, the CLI, workers and the OpenAI wire API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openweights._settings import Settings
+from openweights.server.notify import job_key, queue_key, run_key
+from openweights.server.state import AppState
+from openweights.store import jobs as q
+from openweights.store.errors import StoreError
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+def _error(status: int, type_: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers
+    )
+
+
+async def sweep_once(state: AppState) -> int:
+    """Mark runs whose lease lapsed as lost; requeue or fail their jobs."""
+
+    def work():
+        woken: list[str] = []
+        with state.db.read() as conn:
+            ids = q.expired_runs(conn, state.db.now(conn))
+        for run_id in ids:
+            with state.db.write() as conn:
+                now = state.db.now(conn)
+                job = q.lose_run(conn, run_id, now, "lease expired: its worker stopped heartbeating")
+                if job is not None:
+                    keys = [queue_key(job["org_id"]), job_key(job["org_id"], job["id"]), run_key(run_id)]
+                    state.publish(conn, *keys)
+                    woken += keys
+                    log.warning("run %s lost its lease; job %s is now %s", run_id, job["id"], job["status"])
+        return woken
+
+    keys = await state.call(work)
+    state.notifier.notify(*keys)
+    return len(keys)
+
+
+async def _sweeper(state: AppState) -> None:
+    interval = min(max(state.settings.lease_s / 10, 0.2), 2.0)
+    while True:
+        try:
+            await sweep_once(state)
+        except Exception:  # keep sweeping: one bad pass must not stop lease expiry for good
+            log.exception("lease sweep failed")
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.call(state.db.migrate)
+        state.notifier.bind(asyncio.get_running_loop())
+        if not state.db.is_sqlite:
+            state.notifier.listen_postgres(state.db.url)
+        sweeper = asyncio.create_task(_sweeper(state))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            state.notifier.close()
+            state.db.dispose()
+
+    app = FastAPI(
+        title="openweights",
+        version=VERSION,
+        description="Fine-tune, evaluate and serve open-weight LLMs as jobs.",
+        lifespan=lifespan,
+    )
+    app.state.ow = state
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        try:
+            response = await call_next(request)
+        except Exception:  # never a stack trace to a client
+            log.exception("unhandled error (request %s)", rid)
+            response = _error(500, "server_error", f"Internal server error (request {rid}).")
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, exc: StoreError):
+        return _error(exc.status_code, exc.type, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        parts = []
+        for e in errs[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        first = errs[0].get("loc", ()) if errs else ()
+        param = ".".join(str(x) for x in first if x not in ("body", "query", "path")) or None
+        return _error(422, "invalid_request", "Invalid request: " + "; ".join(parts), param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unhandled(_request: Request, exc: Exception):
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, "server_error", "Internal server error.")
+
+    @app.get("/health", tags=["meta"])
+    async def health() -> dict:
+        return {"status": "ok", "version": VERSION}
+
+    from openweights.server.routes import files, jobs, orgs, runs
+
+    for module in (orgs, files, jobs, runs):
+        app.include_router(module.router)
+    return app
+
+
+def serve(*, host: str = "127.0.0.1", port: int = 8124, settings: Settings | None = None, log_level: str = "info") -> None:
+    """Run the server in this process (blocking)."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )

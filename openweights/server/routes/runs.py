@@ -1,0 +1,357 @@
+"""Workers and runs: register, claim (long-poll), heartbeat (long-poll for cancel), logs,
+events, completion. Every run call is fenced: only the job's live run is heard."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from openweights import types as t
+from openweights.server import convert
+from openweights.server.auth import principal, require
+from openweights.server.notify import job_key, queue_key, run_key
+from openweights.store import files as fstore
+from openweights.store import jobs as q
+from openweights.store import orgs
+from openweights.store import schema as s
+from openweights.store.errors import Forbidden, Invalid
+from openweights.store.orgs import Principal
+
+router = APIRouter(prefix="/v1")
+MAX_LOG_CHUNK = 8 << 20
+
+
+def _worker_for(conn, p: Principal, worker_id: str) -> dict:
+    worker = q.get_worker(conn, p.org_id, worker_id)
+    if p.kind == "worker" and worker["token_id"] != p.token_id:
+        raise Forbidden(f"Worker {worker_id!r} was registered with another token.")
+    return worker
+
+
+def _check_run_caller(conn, p: Principal, run: dict) -> None:
+    """Workers speak only for their own runs; a job's token only for its own run."""
+    if p.kind == "run" and p.run_id != run["id"]:
+        raise Forbidden("A job's token may only write to its own run.")
+    if p.kind == "worker" and run["worker_id"]:
+        _worker_for(conn, p, run["worker_id"])
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+@router.post("/workers", response_model=t.WorkerObject, tags=["workers"])
+async def register_worker(body: t.WorkerRegister, request: Request, p: Principal = Depends(principal)) -> t.WorkerObject:
+    require(p, "user", "worker")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.write() as conn:
+            now = state.db.now(conn)
+            return q.register_worker(conn, p.org_id, body, p.token_id, now), now
+
+    row, now = await state.call(work)
+    return convert.worker(row, now, state.settings.worker_offline_s)
+
+
+@router.get("/workers", response_model=t.Page[t.WorkerObject], tags=["workers"])
+async def list_workers(request: Request, p: Principal = Depends(principal)) -> t.Page[t.WorkerObject]:
+    require(p, "user", "worker")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            return q.list_workers(conn, p.org_id), state.db.now(conn)
+
+    rows, now = await state.call(work)
+    return t.Page[t.WorkerObject](data=[convert.worker(r, now, state.settings.worker_offline_s) for r in rows])
+
+
+@router.post("/workers/{worker_id}/shutdown", response_model=t.WorkerObject, tags=["workers"])
+async def shutdown_worker(worker_id: str, request: Request, p: Principal = Depends(principal)) -> t.WorkerObject:
+    require(p, "user", "worker")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.write() as conn:
+            _worker_for(conn, p, worker_id)
+            now = state.db.now(conn)
+            return q.shutdown_worker(conn, p.org_id, worker_id, now), now
+
+    row, now = await state.call(work)
+    state.notifier.notify(f"worker:{worker_id}")
+    return convert.worker(row, now, state.settings.worker_offline_s)
+
+
+@router.post(
+    "/workers/{worker_id}/claim",
+    response_model=t.ClaimResponse,
+    responses={204: {"description": "No job came within wait_s."}},
+    tags=["workers"],
+)
+async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Principal = Depends(principal)):
+    """Long-poll for the oldest pending job that fits this worker; 204 when none came in time."""
+    require(p, "user", "worker")
+    state = request.app.state.ow
+    lease_s = state.settings.lease_s
+    deadline = time.monotonic() + body.wait_s
+    org_key = queue_key(p.org_id)
+
+    def attempt():
+        with state.db.write() as conn:
+            worker = _worker_for(conn, p, worker_id)
+            now = state.db.now(conn)
+            q.touch_worker(conn, worker_id, now)
+            c = q.claim(conn, worker, now, lease_s, skip_locked=not state.db.is_sqlite)
+            if c is None:
+                return None
+            env = orgs.secret_env(conn, p.org_id, state.box)
+            state.publish(conn, job_key(p.org_id, c.job["id"]))
+            c.run["job_id"] = c.job["id"]
+            return t.ClaimResponse(
+                run=convert.run(c.run), job=convert.job(c.job), token=c.token, env=env, lease_s=lease_s
+            )
+
+    while True:
+        ev = state.notifier.event(org_key)
+        result = await state.call(attempt)
+        if result is not None:
+            state.notifier.notify(job_key(p.org_id, result.job.id))
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or await request.is_disconnected():
+            return Response(status_code=204)
+        # Woken by a new or requeued job; the slice bounds how stale a missed wake-up can be.
+        await state.notifier.wait(ev, min(remaining, 10.0))
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+@router.get("/runs/{run_id}", response_model=t.RunObject, tags=["runs"])
+async def retrieve_run(run_id: int, request: Request, p: Principal = Depends(principal)) -> t.RunObject:
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            return q.get_run(conn, p.org_id, run_id)
+
+    return convert.run(await state.call(work))
+
+
+@router.post("/runs/{run_id}/heartbeat", response_model=t.HeartbeatResponse, tags=["runs"])
+async def heartbeat(run_id: int, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)) -> t.HeartbeatResponse:
+    """Renew the lease now; then wait up to `wait_s` and answer early when the job is canceled."""
+    require(p, "user", "worker")
+    state = request.app.state.ow
+    key = run_key(run_id)
+    ev = state.notifier.event(key)
+
+    def renew():
+        with state.db.write() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            _check_run_caller(conn, p, run)
+            return q.heartbeat(conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None)
+
+    lease, cancel = await state.call(renew)
+    if cancel or body.wait_s <= 0:
+        return t.HeartbeatResponse(cancel=cancel, lease_expires_at=lease)
+    await state.notifier.wait(ev, body.wait_s)
+
+    def check():
+        with state.db.read() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            job = conn.execute(select(s.jobs.c.status).where(s.jobs.c.pk == run["job_pk"])).scalar_one()
+            return job == "canceled", run["status"]
+
+    cancel, status = await state.call(check)
+    if status != "in_progress":
+        from openweights.store.errors import Fenced
+
+        raise Fenced(f"Run {run_id} is {status}; stop it.")
+    return t.HeartbeatResponse(cancel=cancel, lease_expires_at=lease)
+
+
+@router.post("/runs/{run_id}/logs", tags=["runs"])
+async def append_log(
+    run_id: int, request: Request, offset: int = Query(ge=0), p: Principal = Depends(principal)
+) -> dict:
+    """Append bytes at `offset` of the run's log; a resent chunk is not duplicated."""
+    require(p, "user", "worker")
+    state = request.app.state.ow
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_LOG_CHUNK:
+            raise Invalid(f"Log chunks are limited to {MAX_LOG_CHUNK} bytes.", param="body")
+
+    def work():
+        with state.db.write() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            _check_run_caller(conn, p, run)
+            return q.append_log(conn, p.org_id, run_id, offset, bytes(data), state.db.now(conn), None)
+
+    size = await state.call(work)
+    state.notifier.notify(f"log:{run_id}")
+    return {"size": size}
+
+
+@router.get("/runs/{run_id}/log", response_class=StreamingResponse, tags=["runs"],
+            responses={200: {"content": {"text/plain": {}}}})
+async def read_log(
+    run_id: int,
+    request: Request,
+    offset: int = Query(default=0, ge=0),
+    follow: bool = False,
+    p: Principal = Depends(principal),
+):
+    """The run's log from `offset`; with `follow`, streamed live until the run ends."""
+    state = request.app.state.ow
+
+    def load(off: int):
+        with state.db.read() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            if run["log_file"]:
+                f = fstore.get_file(conn, p.org_id, run["log_file"])
+                return run, None, f
+            return run, q.read_log_chunks(conn, run_id, off), None
+
+    first = await state.call(load, offset)  # 404 before the stream starts
+
+    async def body():
+        nonlocal offset
+        run, chunks, f = first
+        while True:
+            if f is not None:
+                if offset < f["bytes"]:
+                    for chunk in state.blobs.iter_bytes(f["sha256"], offset):
+                        yield chunk
+                return
+            for off, data in chunks:
+                yield data
+                offset = off + len(data)
+            if not follow or run["status"] != "in_progress" or await request.is_disconnected():
+                if run["status"] != "in_progress" and follow:
+                    run, chunks, f = await state.call(load, offset)
+                    if f is not None or chunks:
+                        continue
+                return
+            ev = state.notifier.event(f"log:{run_id}")
+            ev_run = state.notifier.event(run_key(run_id))
+            run, chunks, f = await state.call(load, offset)
+            if chunks or f is not None or run["status"] != "in_progress":
+                continue
+            import asyncio
+
+            waits = [asyncio.ensure_future(ev.wait()), asyncio.ensure_future(ev_run.wait())]
+            await asyncio.wait(waits, timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            run, chunks, f = await state.call(load, offset)
+
+    return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
+
+
+@router.post("/runs/{run_id}/events", tags=["runs"])
+async def add_events(run_id: int, body: t.EventsCreate, request: Request, p: Principal = Depends(principal)) -> dict:
+    """Append events to a live run (`ow.run.log`, metrics, uploads)."""
+    state = request.app.state.ow
+
+    def work():
+        with state.db.write() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            _check_run_caller(conn, p, run)
+            now = state.db.now(conn)
+            run, _job = q.live_run(conn, p.org_id, run_id, now)
+            return q.add_events(conn, run, body.events, now)
+
+    n = await state.call(work)
+    state.notifier.notify(f"events:{run_id}")
+    return {"count": n}
+
+
+@router.get("/events", response_model=t.Page[t.EventObject], tags=["runs"])
+async def list_events(
+    request: Request,
+    job_id: str | None = None,
+    run_id: int | None = None,
+    after: int | None = None,
+    limit: int = Query(default=1000, ge=1, le=10_000),
+    p: Principal = Depends(principal),
+) -> t.Page[t.EventObject]:
+    """Events of a job (all its runs) or of one run, oldest first."""
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            return q.list_events(conn, p.org_id, job_id=job_id, run_id=run_id, after=after, limit=limit)
+
+    rows, more = await state.call(work)
+    return t.Page[t.EventObject](data=[convert.event(r) for r in rows], has_more=more)
+
+
+@router.post("/runs/{run_id}/complete", response_model=t.RunObject, tags=["runs"])
+async def complete_run(run_id: int, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)) -> t.RunObject:
+    """The worker's final word on a run. A resend of the same status is answered the same."""
+    require(p, "user", "worker")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            run = q.get_run(conn, p.org_id, run_id)
+            _check_run_caller(conn, p, run)
+            if run["status"] != "in_progress":
+                if run["status"] == body.status:
+                    return run, None
+                from openweights.store.errors import Fenced
+
+                raise Fenced(f"Run {run_id} is already {run['status']}.")
+            log_size = run["log_size"]
+        log_file = _persist_log(state, p.org_id, run_id, log_size)
+        with state.db.write() as conn:
+            now = state.db.now(conn)
+            # Still the live run (no other attempt exists) even if its lease just lapsed and the
+            # sweeper has not seen it yet: accepting it cannot give the job a second completion.
+            run, job = q.live_run(conn, p.org_id, run_id, now, check_lease=False)
+            q.finish_run(
+                conn, run, job, status=body.status, now=now, exit_code=body.exit_code, error=body.error,
+                log_file=log_file,
+            )
+            q.delete_log_chunks(conn, run_id)
+            state.publish(conn, job_key(p.org_id, job["id"]), run_key(run_id), queue_key(p.org_id))
+            return run, job
+
+    run, job = await state.call(work)
+    if job is not None:
+        state.notifier.notify(job_key(p.org_id, job["id"]), run_key(run_id), f"log:{run_id}", queue_key(p.org_id))
+    return convert.run(run)
+
+
+def _persist_log(state, org_id: str, run_id: int, size: int) -> str | None:
+    """Turn the run's log chunks into one stored file (purpose `log`)."""
+    import tempfile
+    from pathlib import Path
+
+    fd, name = tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")
+    path = Path(name)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with open(fd, "wb") as f, state.db.read() as conn:
+            for _off, data in q.read_log_chunks(conn, run_id, 0):
+                f.write(data)
+                h.update(data)
+                n += len(data)
+        sha = h.hexdigest()
+        state.blobs.put_file(sha, path)
+        with state.db.write() as conn:
+            row = fstore.add_file(
+                conn, org_id=org_id, purpose="log", filename=f"run-{run_id}.log", size=n, sha256=sha,
+                now=state.db.now(conn),
+            )
+        return row["id"]
+    finally:
+        path.unlink(missing_ok=True)

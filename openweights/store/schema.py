@@ -1,0 +1,169 @@
+"""The database schema, as SQLAlchemy Core tables. Changes go through Alembic migrations only
+(`store/migrations/versions/`); a test checks the migrations produce exactly this schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+#: JSON on SQLite, JSONB on PostgreSQL (containment queries for `jobs.find`).
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+#: Autoincrementing 64-bit ids that also work as SQLite's rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+orgs = Table(
+    "orgs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("org_id", String(64), ForeignKey("orgs.id"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # user | worker | run
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("run_id", BigId, nullable=True),  # for run tokens
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("org_id", String(64), ForeignKey("orgs.id"), primary_key=True),
+    Column("name", String(200), primary_key=True),
+    Column("value_encrypted", LargeBinary, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("org_id", String(64), ForeignKey("orgs.id"), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("filename", String(500), nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),  # blob key: identical content is stored once
+    Column("created_at", Float, nullable=False),
+    Index("ix_files_org_created", "org_id", "created_at"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("pk", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), ForeignKey("orgs.id"), nullable=False),
+    Column("id", String(200), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("params", Json, nullable=False),
+    Column("script", Text, nullable=False),
+    Column("model", String(500), nullable=True),
+    Column("requires_vram_gb", Float, nullable=False, default=0),
+    Column("allowed_hardware", Json, nullable=True),
+    Column("docker_image", String(500), nullable=True),
+    Column("outputs", Json, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=3),
+    Column("timeout_s", Float, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("current_run_id", BigId, nullable=True),
+    Column("worker_id", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("queued_at", Float, nullable=False),  # claim order: oldest first
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    UniqueConstraint("org_id", "id", name="uq_jobs_org_id"),
+    Index("ix_jobs_claim", "org_id", "status", "queued_at"),
+    Index("ix_jobs_org_created", "org_id", "created_at"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), ForeignKey("orgs.id"), nullable=False),
+    Column("job_pk", BigId, ForeignKey("jobs.pk"), nullable=False),
+    Column("worker_id", String(64), nullable=True),
+    Column("attempt", Integer, nullable=False),
+    Column("status", String(16), nullable=False),  # in_progress completed failed canceled lost
+    Column("lease_expires_at", Float, nullable=True),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("log_size", BigInteger, nullable=False, default=0),
+    Column("log_file", String(128), nullable=True),
+    Column("hardware", String(64), nullable=True),
+    Index("ix_runs_job", "job_pk"),
+    Index("ix_runs_lease", "status", "lease_expires_at"),
+)
+
+log_chunks = Table(
+    "log_chunks",
+    metadata,
+    Column("run_id", BigId, ForeignKey("runs.id"), primary_key=True),
+    Column("offset", BigInteger, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("org_id", String(64), ForeignKey("orgs.id"), nullable=False),
+    Column("run_id", BigId, ForeignKey("runs.id"), nullable=False),
+    Column("job_pk", BigId, ForeignKey("jobs.pk"), nullable=False),
+    Column("data", Json, nullable=False),
+    Column("file", String(128), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_events_run", "run_id", "id"),
+    Index("ix_events_job", "job_pk", "id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("org_id", String(64), ForeignKey("orgs.id"), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("status", String(16), nullable=False),  # active | shutdown
+    Column("hardware", Json, nullable=False),
+    Column("hardware_type", String(64), nullable=False),
+    Column("vram_gb", Float, nullable=False),
+    Column("docker_image", String(500), nullable=True),
+    Column("any_hardware", Boolean, nullable=False, default=False),
+    Column("cached_models", Json, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("token_id", String(64), nullable=True),
+    Column("current_run_id", BigId, nullable=True),
+    Column("last_seen_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_workers_org", "org_id", "status"),
+)
