@@ -155,7 +155,10 @@ def find_jobs(
     if status:
         q = q.where(J.c.status == status)
     if dialect == "postgresql" and params:
-        q = q.where(J.c.params.contains({"validated_params": params}))
+        from sqlalchemy import type_coerce
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        q = q.where(type_coerce(J.c.params, JSONB).contains({"validated_params": params}))
         q = q.order_by(J.c.created_at.desc()).limit(limit)
         return [dict(r) for r in conn.execute(q).mappings()]
     out = []

@@ -1,0 +1,187 @@
+"""Real processes over HTTP: a server (SQLite + local blobs, or PostgreSQL + S3 via moto) and
+worker processes, driven through the public client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._infra import MotoS3, PostgresCluster, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE_S = 3.0
+
+
+def wait_until(cond, timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02):
+    """Poll a condition with a deadline (tests only: the product itself never polls like this)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENWEIGHTS_")}
+    env.update(OPENWEIGHTS_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return env
+
+
+@dataclass
+class Server:
+    home: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        log = open(self.home / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openweights.server", "--port", str(self.port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError("server exited:\n" + (self.home / "server.log").read_text()[-3000:])
+            try:
+                return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(up, 60, "server health")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def signup(self, name: str = "lab") -> str:
+        r = httpx.post(f"{self.url}/v1/signup", json={"org_name": name})
+        r.raise_for_status()
+        return r.json()["token"]["token"]
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresCluster]:
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoS3]:
+    with MotoS3() as m:
+        yield m
+
+
+def _server_env(request, backend: str, home: Path) -> dict[str, str]:
+    env = base_env(home)
+    env["OPENWEIGHTS_LEASE_S"] = str(LEASE_S)
+    if backend == "postgres":
+        pg = request.getfixturevalue("pg")
+        s3 = request.getfixturevalue("s3")
+        env["OPENWEIGHTS_DATABASE_URL"] = pg.create_database()
+        env["OPENWEIGHTS_STORAGE_URL"] = s3.storage_url + f"/{home.name}"
+        env.update(s3.env())
+    return env
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp(f"server-{request.param}")
+    srv = Server(home=home, env=_server_env(request, request.param, home)).start()
+    srv.backend = request.param
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server_factory(request, tmp_path_factory):
+    """Fresh servers for tests that kill or restart them."""
+    made: list[Server] = []
+
+    def make(backend: str = "sqlite", **env) -> Server:
+        home = tmp_path_factory.mktemp(f"server-{backend}")
+        e = _server_env(request, backend, home)
+        e.update({k: str(v) for k, v in env.items()})
+        srv = Server(home=home, env=e).start()
+        made.append(srv)
+        return srv
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture
+def api_key(server) -> str:
+    return server.signup()
+
+
+@pytest.fixture
+def ow(server, api_key):
+    from openweights import OpenWeights
+
+    client = OpenWeights(base_url=server.url, api_key=api_key)
+    yield client
+    client.close() if hasattr(client, "close") else None
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_worker(tmp_path) -> Iterator:
+    """Start real worker processes (`python -m openweights.worker`); all are stopped at teardown."""
+    procs: list[Worker] = []
+
+    def start(url: str, token: str, *args: str, name: str | None = None, env: dict | None = None) -> Worker:
+        i = len(procs)
+        log = tmp_path / f"worker-{i}.log"
+        e = base_env(tmp_path / f"worker-home-{i}")
+        e.update(env or {})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openweights.worker", "--url", url, "--token", token,
+             "--name", name or f"test-{i}", *args],
+            env=e, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=tmp_path,
+            start_new_session=True,
+        )
+        w = Worker(proc, log)
+        procs.append(w)
+        return w
+
+    yield start
+    for w in procs:
+        if w.proc.poll() is None:
+            try:
+                os.killpg(w.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            w.proc.wait()

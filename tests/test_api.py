@@ -1,0 +1,327 @@
+"""The HTTP API against a real server process, on SQLite + local blobs and PostgreSQL + S3."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import LEASE_S, wait_until
+
+
+class Api:
+    def __init__(self, url: str, key: str) -> None:
+        self.c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    def __getattr__(self, name):
+        return getattr(self.c, name)
+
+
+@pytest.fixture
+def api(server, api_key) -> Api:
+    return Api(server.url, api_key)
+
+
+def job_body(**over) -> dict:
+    body = {"type": "custom", "id_prefix": "addjob", "params": {"validated_params": {"a": 1, "b": 2}}, "script": "true"}
+    body.update(over)
+    return body
+
+
+def register(api: Api, **over) -> str:
+    r = api.post("/v1/workers", json={"name": "w", **over})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def claim(api: Api, worker_id: str, wait_s: float = 5) -> dict | None:
+    r = api.post(f"/v1/workers/{worker_id}/claim", json={"wait_s": wait_s})
+    assert r.status_code in (200, 204), r.text
+    return r.json() if r.status_code == 200 else None
+
+
+def test_job_id_is_a_content_hash_independent_of_key_order(api):
+    a = api.post("/v1/jobs", json=job_body(params={"validated_params": {"a": 1, "b": 2}})).json()
+    b = api.post("/v1/jobs", json=job_body(params={"validated_params": {"b": 2, "a": 1}})).json()
+    c = api.post("/v1/jobs", json=job_body(params={"validated_params": {"a": 1, "b": 3}})).json()
+    assert a["id"] == b["id"] != c["id"]
+    assert a["id"].startswith("addjob-") and len(a["id"]) == len("addjob-") + 12
+    d = api.post("/v1/jobs", json=job_body(job_id_suffix="again")).json()
+    assert d["id"] == a["id"] + "-again"
+
+
+def test_resubmitting_failed_job_requeues_it_and_completed_returns_it(api):
+    w = register(api)
+    job = api.post("/v1/jobs", json=job_body(script="exit 3")).json()
+    got = claim(api, w)
+    assert got["job"]["id"] == job["id"]
+    run = got["run"]["id"]
+    r = api.post(f"/v1/runs/{run}/complete", json={"status": "failed", "exit_code": 3})
+    assert r.status_code == 200
+    failed = api.get(f"/v1/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and "exit code 3" in failed["error"]
+    again = api.post("/v1/jobs", json=job_body(script="exit 3")).json()
+    assert again["id"] == job["id"] and again["status"] == "pending" and again["attempts"] == 0
+    got = claim(api, w)
+    api.post(f"/v1/runs/{got['run']['id']}/complete", json={"status": "completed", "exit_code": 0})
+    same = api.post("/v1/jobs", json=job_body(script="exit 3")).json()
+    assert same["status"] == "completed"
+    runs = api.get(f"/v1/jobs/{job['id']}/runs").json()["data"]
+    assert [r["attempt"] for r in runs] == [1, 1] and runs[-1]["status"] == "completed"
+
+
+def test_pending_job_says_why_it_waits(api):
+    job = api.post("/v1/jobs", json=job_body(requires_vram_gb=80)).json()
+    assert "No worker is running" in job["pending_reason"]
+    register(api)  # a CPU worker: 0 GB
+    reason = api.get(f"/v1/jobs/{job['id']}").json()["pending_reason"]
+    assert "No live worker fits" in reason and "80 GB" in reason
+
+
+def test_claim_matches_hardware_and_vram(api):
+    cpu = register(api)
+    gpu = register(api, hardware={"gpu_type": "A100", "gpu_count": 1, "vram_gb": 80, "hardware_type": "1x A100"})
+    big = api.post("/v1/jobs", json=job_body(requires_vram_gb=40, script="echo big")).json()
+    h200 = api.post("/v1/jobs", json=job_body(allowed_hardware=["1x H200"], script="echo h200")).json()
+    assert claim(api, cpu, wait_s=0) is None
+    got = claim(api, gpu, wait_s=0)
+    assert got["job"]["id"] == big["id"]
+    assert claim(api, gpu, wait_s=0) is None  # the H200-only job does not fit an A100
+    assert api.get(f"/v1/jobs/{h200['id']}").json()["status"] == "pending"
+
+
+def test_long_poll_claim_wakes_when_a_job_arrives(api):
+    w = register(api)
+    import threading
+
+    result = {}
+
+    def poll():
+        t0 = time.monotonic()
+        result["claim"] = claim(api, w, wait_s=30)
+        result["elapsed"] = time.monotonic() - t0
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)  # let the claim start waiting: the point is that it is already parked
+    t0 = time.monotonic()
+    api.post("/v1/jobs", json=job_body(script="echo wake"))
+    th.join(30)
+    assert result["claim"] is not None
+    assert time.monotonic() - t0 < 5, "a parked claim must be woken by the new job, not by its timeout"
+
+
+def test_lost_lease_requeues_then_fences_the_old_run(api):
+    w1, w2 = register(api), register(api)
+    job = api.post("/v1/jobs", json=job_body(script="echo lease")).json()
+    first = claim(api, w1)
+    assert first["lease_s"] == LEASE_S
+    # w1 goes silent; its lease lapses and the sweeper requeues the job
+    wait_until(lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "pending", 20, "requeue")
+    second = claim(api, w2)
+    assert second["job"]["id"] == job["id"] and second["run"]["attempt"] == 2
+    old = first["run"]["id"]
+    for method, path, kw in [
+        ("POST", f"/v1/runs/{old}/heartbeat", {"json": {"wait_s": 0}}),
+        ("POST", f"/v1/runs/{old}/logs?offset=0", {"content": b"zombie"}),
+        ("POST", f"/v1/runs/{old}/complete", {"json": {"status": "completed", "exit_code": 0}}),
+    ]:
+        r = api.request(method, path, **kw)
+        assert r.status_code == 409, (path, r.text)
+    runs = api.get(f"/v1/jobs/{job['id']}/runs").json()["data"]
+    assert runs[0]["status"] == "lost" and "lease expired" in runs[0]["error"]
+    r = api.post(f"/v1/runs/{second['run']['id']}/complete", json={"status": "completed", "exit_code": 0})
+    assert r.status_code == 200
+    assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
+
+
+def test_job_fails_with_reason_after_max_attempts(api):
+    w = register(api)
+    job = api.post("/v1/jobs", json=job_body(script="echo poison", max_attempts=2)).json()
+    for attempt in (1, 2):
+        got = claim(api, w)
+        assert got["run"]["attempt"] == attempt
+        api.post(f"/v1/runs/{got['run']['id']}/complete", json={"status": "lost", "error": "worker stopping"})
+    final = api.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "failed" and "2 attempt" in final["error"] and "worker stopping" in final["error"]
+
+
+def test_cancel_reaches_a_parked_heartbeat_at_once(api):
+    w = register(api)
+    job = api.post("/v1/jobs", json=job_body(script="sleep 100")).json()
+    run = claim(api, w)["run"]["id"]
+    import threading
+
+    out = {}
+
+    def beat():
+        t0 = time.monotonic()
+        out["hb"] = api.post(f"/v1/runs/{run}/heartbeat", json={"wait_s": 30}).json()
+        out["elapsed"] = time.monotonic() - t0
+
+    th = threading.Thread(target=beat)
+    th.start()
+    time.sleep(0.3)
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+    th.join(30)
+    assert out["hb"]["cancel"] is True and out["elapsed"] < 5
+    r = api.post(f"/v1/runs/{run}/complete", json={"status": "canceled", "exit_code": -15})
+    assert r.status_code == 200
+    assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_logs_are_appended_once_and_become_a_file(api):
+    w = register(api)
+    job = api.post("/v1/jobs", json=job_body(script="echo logs")).json()
+    got = claim(api, w)
+    run = got["run"]["id"]
+    assert api.post(f"/v1/runs/{run}/logs?offset=0", content=b"hello\n").json()["size"] == 6
+    assert api.post(f"/v1/runs/{run}/logs?offset=0", content=b"hello\nworld\n").json()["size"] == 12
+    assert api.post(f"/v1/runs/{run}/logs?offset=99", content=b"gap").status_code == 409
+    assert api.get(f"/v1/runs/{run}/log").text == "hello\nworld\n"
+    assert api.get(f"/v1/runs/{run}/log?offset=6").text == "world\n"
+    api.post(f"/v1/runs/{run}/events", json={"events": [{"data": {"x": 1, "file": None}}, {"data": {"x": 2}}]},
+             headers={"Authorization": f"Bearer {got['token']}"})
+    api.post(f"/v1/runs/{run}/complete", json={"status": "completed", "exit_code": 0})
+    runs = api.get(f"/v1/jobs/{job['id']}/runs").json()["data"]
+    assert api.get(f"/v1/files/{runs[-1]['log_file']}/content").text == "hello\nworld\n"
+    assert api.get(f"/v1/runs/{run}/log?offset=6").text == "world\n"
+    assert api.get(f"/v1/jobs/{job['id']}").json()["outputs"] == {"x": 2}
+    events = api.get("/v1/events", params={"job_id": job["id"]}).json()["data"]
+    assert [e["data"]["x"] for e in events] == [1, 2]
+
+
+def test_run_token_is_scoped_to_its_own_run_and_revoked_when_it_ends(api):
+    w = register(api)
+    api.post("/v1/jobs", json=job_body(script="echo a"))
+    api.post("/v1/jobs", json=job_body(script="echo b"))
+    a, b = claim(api, w), None
+    w2 = register(api)
+    b = claim(api, w2)
+    run_api = Api(str(api.base_url), a["token"])
+    ev = {"events": [{"data": {"k": 1}}]}
+    assert run_api.post(f"/v1/runs/{a['run']['id']}/events", json=ev).status_code == 200
+    assert run_api.post(f"/v1/runs/{b['run']['id']}/events", json=ev).status_code == 403
+    assert run_api.get("/v1/tokens").status_code == 403
+    assert run_api.get("/v1/secrets").status_code == 403
+    api.post(f"/v1/runs/{a['run']['id']}/complete", json={"status": "completed", "exit_code": 0})
+    assert run_api.post(f"/v1/runs/{a['run']['id']}/events", json=ev).status_code == 401
+
+
+def test_upload_is_validated_with_file_line_and_field_and_nothing_is_stored(api):
+    bad = b'{"messages":[{"role":"user","content":"hi"}]}\n{"messages":[{"role":"bot","content":"x"}]}\n'
+    r = api.post("/v1/files", params={"purpose": "conversations", "filename": "train.jsonl"}, content=bad)
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "train.jsonl" in msg and "line 2" in msg and "role" in msg
+    assert api.get("/v1/files").json()["data"] == []
+    good = b'{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}\n'
+    f1 = api.post("/v1/files", params={"purpose": "conversations", "filename": "a.jsonl"}, content=good).json()
+    f2 = api.post("/v1/files", params={"purpose": "conversations", "filename": "b.jsonl"}, content=good).json()
+    assert f1["id"] == f2["id"] and f1["id"].startswith("conversations:file-")
+    assert api.get(f"/v1/files/{f1['id']}/content").content == good
+    # OpenAI-style multipart upload
+    r = api.post("/v1/files", data={"purpose": "result"}, files={"file": ("r.txt", b"abc")})
+    assert r.status_code == 200 and r.json()["filename"] == "r.txt"
+    assert api.post("/v1/files", params={"purpose": "nope"}, content=b"x").status_code == 400
+
+
+def test_other_orgs_ids_look_like_missing_ones(server, api):
+    w = register(api)
+    job = api.post("/v1/jobs", json=job_body(script="echo mine")).json()
+    got = claim(api, w)
+    f = api.post("/v1/files", params={"purpose": "result", "filename": "x"}, content=b"secret bytes").json()
+    api.put("/v1/secrets/HF_TOKEN", json={"value": "hf_xyz"})
+    tok = api.post("/v1/tokens", json={"name": "t"}).json()
+    other = Api(server.url, server.signup("other"))
+    run = got["run"]["id"]
+    checks = [
+        ("GET", f"/v1/jobs/{job['id']}", {}),
+        ("GET", f"/v1/jobs/{job['id']}/runs", {}),
+        ("GET", f"/v1/jobs/{job['id']}/wait?timeout_s=0", {}),
+        ("POST", f"/v1/jobs/{job['id']}/cancel", {}),
+        ("POST", f"/v1/jobs/{job['id']}/restart", {}),
+        ("GET", f"/v1/runs/{run}", {}),
+        ("GET", f"/v1/runs/{run}/log", {}),
+        ("POST", f"/v1/runs/{run}/heartbeat", {"json": {"wait_s": 0}}),
+        ("POST", f"/v1/runs/{run}/logs?offset=0", {"content": b"x"}),
+        ("POST", f"/v1/runs/{run}/events", {"json": {"events": [{"data": {}}]}}),
+        ("POST", f"/v1/runs/{run}/complete", {"json": {"status": "completed"}}),
+        ("GET", f"/v1/events?run_id={run}", {}),
+        ("GET", f"/v1/events?job_id={job['id']}", {}),
+        ("GET", f"/v1/files/{f['id']}", {}),
+        ("GET", f"/v1/files/{f['id']}/content", {}),
+        ("POST", f"/v1/workers/{w}/claim", {"json": {"wait_s": 0}}),
+        ("POST", f"/v1/workers/{w}/shutdown", {}),
+        ("DELETE", f"/v1/tokens/{tok['id']}", {}),
+        ("DELETE", "/v1/secrets/HF_TOKEN", {}),
+    ]
+    for method, path, kw in checks:
+        r = other.request(method, path, **kw)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)
+    assert other.get("/v1/jobs").json()["data"] == []
+    assert other.get("/v1/files").json()["data"] == []
+    assert other.get("/v1/secrets").json()["data"] == []
+    assert other.post("/v1/files/check", json={"ids": [f["id"]]}).json()["missing"] == [f["id"]]
+    # and nothing changed for the owner
+    assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "in_progress"
+
+
+def test_tokens_can_be_revoked_and_expire(server, api):
+    new = api.post("/v1/tokens", json={"name": "ci"}).json()
+    assert new["token"].startswith("ow_") and new["prefix"] == new["token"][:10]
+    listed = api.get("/v1/tokens").json()["data"]
+    assert all(t["token"] is None for t in listed)
+    other = Api(server.url, new["token"])
+    assert other.get("/v1/me").status_code == 200
+    api.delete(f"/v1/tokens/{new['id']}")
+    r = other.get("/v1/me")
+    assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    assert Api(server.url, "ow_nope").get("/v1/jobs").status_code == 401
+    assert httpx.get(f"{server.url}/v1/jobs").status_code == 401
+    worker_tok = api.post("/v1/tokens", json={"name": "w", "kind": "worker"}).json()["token"]
+    wapi = Api(server.url, worker_tok)
+    assert wapi.post("/v1/tokens", json={"name": "x"}).status_code == 403
+    assert wapi.post("/v1/jobs", json=job_body()).status_code == 403
+    assert wapi.post("/v1/workers", json={"name": "w"}).status_code == 200
+
+
+def test_secrets_are_write_only_and_encrypted_at_rest(server, api):
+    value = "hf_supersecretvalue_12345"
+    api.post("/v1/secrets", json={"secrets": {"HF_TOKEN": value, "WANDB_API_KEY": "w"}})
+    names = [s["name"] for s in api.get("/v1/secrets").json()["data"]]
+    assert names == ["HF_TOKEN", "WANDB_API_KEY"]
+    assert value not in api.get("/v1/secrets").text
+    assert api.put("/v1/secrets/bad-name", json={"value": "x"}).status_code == 400
+    if server.backend == "sqlite":
+        raw = b"".join(p.read_bytes() for p in server.home.glob("openweights.db*"))
+        assert value.encode() not in raw
+    w = register(api)
+    api.post("/v1/jobs", json=job_body(script="echo env"))
+    assert claim(api, w)["env"]["HF_TOKEN"] == value  # given to the org's jobs only
+
+
+def test_every_error_is_json_with_a_message(server, api):
+    for r in [
+        api.get("/v1/jobs/nope"),
+        api.get("/v1/nope"),
+        api.post("/v1/jobs", json={"type": "custom"}),
+        api.post("/v1/jobs", json=job_body(unknown=1)),
+        api.get("/v1/jobs?limit=0"),
+    ]:
+        assert r.status_code in (404, 422), r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+    r = api.post("/v1/jobs", json=job_body(requires_vram_gb=-1))
+    assert r.status_code == 422 and r.json()["error"]["param"] == "requires_vram_gb"
+
+
+def test_find_matches_validated_params(api):
+    api.post("/v1/jobs", json=job_body(params={"validated_params": {"model": "m1", "lr": 1, "cfg": {"x": 1, "y": 2}}}))
+    api.post("/v1/jobs", json=job_body(params={"validated_params": {"model": "m2", "lr": 1}}))
+    found = api.post("/v1/jobs/find", json={"params": {"lr": 1}}).json()["data"]
+    assert len(found) == 2
+    found = api.post("/v1/jobs/find", json={"params": {"model": "m1", "cfg": {"x": 1}}}).json()["data"]
+    assert [j["params"]["validated_params"]["model"] for j in found] == ["m1"]
