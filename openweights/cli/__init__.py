@@ -1,0 +1,1 @@
+"""The `ow` command line (`openweights.cli.main:main`)."""

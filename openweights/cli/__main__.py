@@ -1,0 +1,5 @@
+import sys
+
+from openweights.cli.main import main
+
+sys.exit(main())
