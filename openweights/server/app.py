@@ -68,6 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.call(state.db.migrate)
+
+        def grace():
+            with state.db.write() as conn:
+                q.grace_live_leases(conn, state.db.now(conn), state.settings.lease_s)
+
+        await state.call(grace)
         state.notifier.bind(asyncio.get_running_loop())
         if not state.db.is_sqlite:
             state.notifier.listen_postgres(state.db.url)

@@ -61,6 +61,16 @@ class Notifier:
         except asyncio.TimeoutError:
             return False
 
+    @staticmethod
+    async def wait_any(events: list[asyncio.Event], timeout_s: float) -> bool:
+        waits = [asyncio.ensure_future(ev.wait()) for ev in events]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED)
+            return bool(done)
+        finally:
+            for w in waits:
+                w.cancel()
+
     # -- PostgreSQL: other servers' writes ---------------------------------------------------
 
     def listen_postgres(self, sqlalchemy_url: str) -> None:

@@ -569,3 +569,13 @@ def list_events(
 
 def delete_log_chunks(conn: Connection, run_id: int) -> None:
     conn.execute(delete(s.log_chunks).where(s.log_chunks.c.run_id == run_id))
+
+
+def grace_live_leases(conn: Connection, now: float, lease_s: float) -> int:
+    """At server start: workers could not heartbeat while the server was down, so no live run
+    may be declared lost before they had one full lease to reach it again."""
+    return conn.execute(
+        update(R)
+        .where(R.c.status == "in_progress", R.c.lease_expires_at < now + lease_s)
+        .values(lease_expires_at=now + lease_s)
+    ).rowcount

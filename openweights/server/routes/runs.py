@@ -117,6 +117,7 @@ async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Princ
 
     while True:
         ev = state.notifier.event(org_key)
+        stop_ev = state.notifier.event(f"worker:{worker_id}")  # shutdown ends the long-poll at once
         result = await state.call(attempt)
         if result is not None:
             state.notifier.notify(job_key(p.org_id, result.job.id))
@@ -125,7 +126,7 @@ async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Princ
         if remaining <= 0 or await request.is_disconnected():
             return Response(status_code=204)
         # Woken by a new or requeued job; the slice bounds how stale a missed wake-up can be.
-        await state.notifier.wait(ev, min(remaining, 10.0))
+        await state.notifier.wait_any([ev, stop_ev], min(remaining, 10.0))
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -244,12 +245,7 @@ async def read_log(
             run, chunks, f = await state.call(load, offset)
             if chunks or f is not None or run["status"] != "in_progress":
                 continue
-            import asyncio
-
-            waits = [asyncio.ensure_future(ev.wait()), asyncio.ensure_future(ev_run.wait())]
-            await asyncio.wait(waits, timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            await state.notifier.wait_any([ev, ev_run], 10.0)
             run, chunks, f = await state.call(load, offset)
 
     return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
