@@ -263,3 +263,33 @@ def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory,
     for j in sample:
         runs = c.get(f"/v1/jobs/{j['id']}/runs").json()["data"]
         assert len(runs) == 1 and runs[0]["status"] == "completed"
+
+
+def test_worker_paused_past_its_lease_is_fenced_when_it_wakes(server, ow, start_worker, tmp_path):
+    token = worker_token(ow)
+    a = start_worker(server.url, token, name="zombie")
+    marker = tmp_path / "marker"
+    job = script_job(ow, f'echo "$OPENWEIGHTS_RUN_ID" >> {marker}; sleep 6; echo "done $OPENWEIGHTS_RUN_ID" >> {marker}', tag="zombie")
+    wait_until(lambda: marker.exists(), 60, "first attempt started")
+    group = [a.proc.pid, *descendants(a.proc.pid)]
+    for pid in group:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: job.refresh().status == "pending", 30, "requeue after lease loss")
+        start_worker(server.url, token, name="healthy")
+        wait_until(lambda: job.refresh().status == "in_progress", 60, "second attempt")
+    finally:
+        for pid in group:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    job.wait(timeout=120)
+    assert job.status == "completed"
+    runs = job.runs
+    assert [r.status for r in runs] == ["lost", "completed"]
+    # the woken zombie was refused and killed its copy: only the live run finished its work
+    wait_until(lambda: not any(alive(p) for p in group[1:]), 30, "zombie's job killed")
+    lines = marker.read_text().split()
+    assert lines.count("done") == 1 and f"{runs[-1].id}" in lines
+    assert a.proc.poll() is None  # the zombie worker itself goes on
