@@ -231,7 +231,9 @@ def test_server_restart_mid_job_loses_nothing(server_factory, start_worker, tmp_
 def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory, start_worker):
     from openweights import OpenWeights
 
-    srv = server_factory("sqlite")
+    # the default lease: with 16 workers on 2 cores, a 3 s test lease can lapse under load and
+    # (correctly) retry a job, which is not what this test is about
+    srv = server_factory("sqlite", OPENWEIGHTS_LEASE_S=30)
     key = srv.signup()
     ow = OpenWeights(base_url=srv.url, api_key=key)
     c = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -258,7 +260,8 @@ def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory,
             break
         after = page["data"][-1]["id"]
     assert len(jobs) == n
-    assert all(j["status"] == "completed" and j["attempts"] == 1 for j in jobs)
+    odd = [(j["id"], j["status"], j["attempts"], j["error"]) for j in jobs if j["status"] != "completed" or j["attempts"] != 1]
+    assert not odd, odd[:10]
     sample = jobs[:: n // 50]
     for j in sample:
         runs = c.get(f"/v1/jobs/{j['id']}/runs").json()["data"]
