@@ -140,7 +140,10 @@ class Server:
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "openweights.server", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=1, trust_env=False) as http:

@@ -1,7 +1,8 @@
 """Large-file upload / download through a real server process, against a plain `cp` of the same file.
 
     python bench/bench_files.py                          # SQLite + local blobs, 256 MiB and 1 GiB
-    python bench/bench_files.py --backend postgres       # PostgreSQL + S3 (moto, in memory)
+    python bench/bench_files.py --backend postgres       # PostgreSQL + S3 (moto, in memory): 256 MiB
+    python bench/bench_files.py --backend postgres --sizes-mib 256 1024
     python bench/bench_files.py --sizes-mib 256 --out bench/results/files.json
 
 For each size, on a fresh server: `POST /v1/files?purpose=result&filename=x` with the body streamed
@@ -151,23 +152,40 @@ def run_curl(mode: str, url: str, token: str, path: Path, file_id: str | None = 
     client is not the limit). Peak RSS from GNU time."""
     auth = ["-H", f"Authorization: Bearer {token}"]
     if mode == "upload":
-        cmd = ["curl", "-sS", "--fail", "-X", "POST", "-T", str(path), *auth,
-               "-H", "content-type: application/octet-stream", f"{url}/v1/files?purpose=result&filename=x"]
+        cmd = [
+            "curl",
+            "-sS",
+            "--fail",
+            "-X",
+            "POST",
+            "-T",
+            str(path),
+            *auth,
+            "-H",
+            "content-type: application/octet-stream",
+            f"{url}/v1/files?purpose=result&filename=x",
+        ]
     else:
         cmd = ["curl", "-sS", "--fail", *auth, "-o", str(path), f"{url}/v1/files/{file_id}/content"]
     t0 = perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "maxrss_kib=%M", *cmd], capture_output=True, text=True)
+    p = subprocess.run(
+        ["/usr/bin/time", "-f", "maxrss_kib=%M", *cmd], capture_output=True, text=True
+    )
     dt = perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"curl {mode} failed: {p.stderr[-2000:]}")
-    rss = next((int(x.split("=")[1]) for x in p.stderr.split() if x.startswith("maxrss_kib=")), None)
+    rss = next(
+        (int(x.split("=")[1]) for x in p.stderr.split() if x.startswith("maxrss_kib=")), None
+    )
     out = {"seconds": dt, "client_peak_rss_kib": rss}
     if mode == "upload":
         out["file"] = json.loads(p.stdout)
     return out
 
 
-def transfer(be, client: str, src: Path, dst: Path, size_mib: int, cp_s: float, want_sha: str) -> dict:
+def transfer(
+    be, client: str, src: Path, dst: Path, size_mib: int, cp_s: float, want_sha: str
+) -> dict:
     """On a fresh server (nothing deduplicated): upload `src`, download it to `dst`."""
     srv = be.start_server(f"files-{client}")
     try:
@@ -263,7 +281,11 @@ def markdown(results: dict) -> str:
                 if not all(t["verified"].values()):
                     bad.append(f"{s['size_mib']} MiB {client}")
         lines.append("")
-        lines.append("All transfers verified (size and sha256)." if not bad else f"VERIFICATION FAILED: {bad}")
+        lines.append(
+            "All transfers verified (size and sha256)."
+            if not bad
+            else f"VERIFICATION FAILED: {bad}"
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -272,12 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--client"]:
         return client_main(argv[1:])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="sqlite")
-    ap.add_argument("--sizes-mib", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument(
+        "--sizes-mib",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: 256 1024 on SQLite; 256 on PostgreSQL + moto S3 (1 GiB there takes ~1.5 min)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "files.json"))
     ap.add_argument("--clients", nargs="+", choices=["httpx", "curl"], default=["httpx", "curl"])
-    ap.add_argument("--scratch", default=None, help="directory for the big temporary files (default: $TMPDIR)")
+    ap.add_argument(
+        "--scratch", default=None, help="directory for the big temporary files (default: $TMPDIR)"
+    )
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -296,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with backend(name) as be:
                 sizes = []
-                for mib in args.sizes_mib:
-                    print(f"[{time.strftime('%H:%M:%S')}] {name}: {mib} MiB", file=sys.stderr, flush=True)
+                for mib in args.sizes_mib or ([256, 1024] if name == "sqlite" else [256]):
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] {name}: {mib} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     sizes.append(bench_size(be, mib, scratch, args.clients))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -100,7 +100,11 @@ def concurrent_floor(url: str, path: str, threads: int, duration_s: float) -> di
     for t in ts:
         t.join()
     elapsed = perf_counter() - t0
-    return {"threads": threads, "requests": sum(counts), "req_per_s": round(sum(counts) / elapsed, 1)}
+    return {
+        "threads": threads,
+        "requests": sum(counts),
+        "req_per_s": round(sum(counts) / elapsed, 1),
+    }
 
 
 # -- 2. pending job -> claimed by an idle long-polling worker ---------------------------------
@@ -138,7 +142,9 @@ def claim_latency(url: str, token: str, n: int, warmup: int = 10, idle_s: float 
                         got.put((t, body, None))
                         rc = c.post(f"/v1/runs/{body['run']['id']}/complete", json=COMPLETE)
                         if rc.status_code != 200:
-                            got.put((perf_counter(), None, f"complete {rc.status_code} {rc.text[:200]}"))
+                            got.put(
+                                (perf_counter(), None, f"complete {rc.status_code} {rc.text[:200]}")
+                            )
                             return
                     if stop.is_set():
                         return
@@ -179,7 +185,9 @@ def claim_latency(url: str, token: str, n: int, warmup: int = 10, idle_s: float 
 # -- 3. claims per second through the API ----------------------------------------------------
 
 
-def create_jobs(url: str, token: str, n: int, tag: str, threads: int = 4) -> tuple[list[str], float]:
+def create_jobs(
+    url: str, token: str, n: int, tag: str, threads: int = 4
+) -> tuple[list[str], float]:
     ids: list[list[str]] = [[] for _ in range(threads)]
 
     def loop(k: int) -> None:
@@ -339,7 +347,9 @@ def raw_claim_floor(db_url: str, n: int) -> dict:
         with db.write() as conn:
             now = db.now(conn)
             org = orgs.create_org(conn, "raw", now)
-            q.register_worker(conn, org["id"], t.WorkerRegister(name="raw", any_hardware=True), None, now)
+            q.register_worker(
+                conn, org["id"], t.WorkerRegister(name="raw", any_hardware=True), None, now
+            )
         with db.read() as conn:
             worker = q.list_workers(conn, org["id"])[0]
 
@@ -418,10 +428,16 @@ def startup_times(runs: int = 10) -> dict:
     cases = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "import openweights": [sys.executable, "-c", "import openweights"],
-        "from openweights import OpenWeights": [sys.executable, "-c", "from openweights import OpenWeights"],
+        "from openweights import OpenWeights": [
+            sys.executable,
+            "-c",
+            "from openweights import OpenWeights",
+        ],
         # what the SDK cannot avoid: its HTTP client and its models (a reference, not a target)
         "import httpx, pydantic, pydantic_settings": [
-            sys.executable, "-c", "import httpx, pydantic, pydantic_settings"
+            sys.executable,
+            "-c",
+            "import httpx, pydantic, pydantic_settings",
         ],
         "ow --help": (ow_cmd + ["--help"]) if ow_cmd else None,
     }
@@ -443,11 +459,16 @@ def startup_times(runs: int = 10) -> dict:
             for i in range(runs + 1):
                 for name in list(times):
                     t0 = perf_counter()
-                    p = subprocess.run(cases[name], cwd=cwd, env=env, capture_output=True, text=True)
+                    p = subprocess.run(
+                        cases[name], cwd=cwd, env=env, capture_output=True, text=True
+                    )
                     dt = perf_counter() - t0
                     if p.returncode != 0:
                         err = (p.stderr or p.stdout).strip().splitlines()[-1:]
-                        res[name] = {"ok": False, "note": f"exit {p.returncode}: {' '.join(err)[:300]}"}
+                        res[name] = {
+                            "ok": False,
+                            "note": f"exit {p.returncode}: {' '.join(err)[:300]}",
+                        }
                         del times[name]
                     elif i:
                         times[name].append(dt)
@@ -495,7 +516,10 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
         lap("start_backend_and_server")
         try:
             token = srv.signup()
-            db_url = srv.env.get("OPENWEIGHTS_DATABASE_URL") or f"sqlite:///{srv.home / 'openweights.db'}"
+            db_url = (
+                srv.env.get("OPENWEIGHTS_DATABASE_URL")
+                or f"sqlite:///{srv.home / 'openweights.db'}"
+            )
             if db_url.startswith("postgresql://"):
                 db_url = db_url.replace("postgresql://", "postgresql+psycopg://", 1)
 
@@ -504,7 +528,8 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
                 "health": sequential_floor(srv.url, "/health", None, args.floor_requests),
                 "me": sequential_floor(srv.url, "/v1/me", token, args.floor_requests),
                 "health_concurrent": {
-                    str(w): concurrent_floor(srv.url, "/health", w, args.floor_duration) for w in args.workers
+                    str(w): concurrent_floor(srv.url, "/health", w, args.floor_duration)
+                    for w in args.workers
                 },
             }
             lap("floor")
@@ -514,7 +539,9 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
             lat["ratio_p50_vs_health_p50"] = ratio(lat["latency"]["p50_ms"], h50)
             lat["ratio_p50_vs_me_p50"] = ratio(lat["latency"]["p50_ms"], m50)
             lat["ratio_p99_vs_health_p50"] = ratio(lat["latency"]["p99_ms"], h50)
-            lat["ratio_p50_minus_create_vs_health_p50"] = ratio(lat["latency_minus_create_rtt"]["p50_ms"], h50)
+            lat["ratio_p50_minus_create_vs_health_p50"] = ratio(
+                lat["latency_minus_create_rtt"]["p50_ms"], h50
+            )
             res["claim_latency"] = lat
             lap("claim_latency")
 
@@ -525,9 +552,13 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
                 floor_1 = res["floor"]["health"]["req_per_s"]
                 floor_w = res["floor"]["health_concurrent"][str(w)]["req_per_s"]
                 tp["ratio_claims_vs_health_rps_1client"] = ratio(tp["claims_per_s"], floor_1)
-                tp["ratio_requests_vs_health_rps_1client"] = ratio(tp["api_requests_per_s"], floor_1)
+                tp["ratio_requests_vs_health_rps_1client"] = ratio(
+                    tp["api_requests_per_s"], floor_1
+                )
                 tp["ratio_claims_vs_health_rps_same_threads"] = ratio(tp["claims_per_s"], floor_w)
-                tp["ratio_requests_vs_health_rps_same_threads"] = ratio(tp["api_requests_per_s"], floor_w)
+                tp["ratio_requests_vs_health_rps_same_threads"] = ratio(
+                    tp["api_requests_per_s"], floor_w
+                )
                 res["throughput"][str(w)] = tp
                 log(f"  {tp['claims_per_s']} claims/s, violations {tp['violations']['total']}")
                 lap(f"throughput_{w}")
@@ -538,7 +569,9 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
         res["raw_sql"] = raw_claim_floor(be.fresh_database_url(), raw_jobs)
         lap("raw_sql")
     for tp in res["throughput"].values():
-        tp["ratio_claims_vs_raw_sql_claims"] = ratio(tp["claims_per_s"], res["raw_sql"]["claims_per_s"])
+        tp["ratio_claims_vs_raw_sql_claims"] = ratio(
+            tp["claims_per_s"], res["raw_sql"]["claims_per_s"]
+        )
         tp["ratio_pairs_vs_raw_sql_pairs"] = ratio(
             tp["claim_complete_pairs_per_s"], res["raw_sql"]["claim_complete_pairs_per_s"]
         )
@@ -566,69 +599,103 @@ def markdown(results: dict) -> str:
         add(f"### {name}\n")
         add("| measure | p50 ms | p99 ms | req/s | ratio |")
         add("|---|---:|---:|---:|---|")
-        add(f"| floor: `GET /health`, 1 keep-alive client | {fmt(f['health']['p50_ms'], 3)} | "
-            f"{fmt(f['health']['p99_ms'], 3)} | {fmt(f['health']['req_per_s'])} | 1× |")
-        add(f"| floor: `GET /v1/me` (auth + 1 read) | {fmt(f['me']['p50_ms'], 3)} | {fmt(f['me']['p99_ms'], 3)} | "
-            f"{fmt(f['me']['req_per_s'])} | p50 {fmt(ratio(f['me']['p50_ms'], f['health']['p50_ms']), 2)}× health |")
+        add(
+            f"| floor: `GET /health`, 1 keep-alive client | {fmt(f['health']['p50_ms'], 3)} | "
+            f"{fmt(f['health']['p99_ms'], 3)} | {fmt(f['health']['req_per_s'])} | 1× |"
+        )
+        add(
+            f"| floor: `GET /v1/me` (auth + 1 read) | {fmt(f['me']['p50_ms'], 3)} | {fmt(f['me']['p99_ms'], 3)} | "
+            f"{fmt(f['me']['req_per_s'])} | p50 {fmt(ratio(f['me']['p50_ms'], f['health']['p50_ms']), 2)}× health |"
+        )
         for w, c in f["health_concurrent"].items():
             add(f"| floor: `GET /health`, {w} client thread(s) | | | {fmt(c['req_per_s'])} | |")
-        add(f"| pending job → claimed by idle long-polling worker (n={lat['n']}) | {fmt(lat['latency']['p50_ms'], 3)} | "
+        add(
+            f"| pending job → claimed by idle long-polling worker (n={lat['n']}) | {fmt(lat['latency']['p50_ms'], 3)} | "
             f"{fmt(lat['latency']['p99_ms'], 3)} | | p50 **{fmt(lat['ratio_p50_vs_health_p50'], 2)}×** health p50 "
-            f"(target ≤ 3×); {fmt(lat['ratio_p50_vs_me_p50'], 2)}× /v1/me p50 |")
-        add(f"| … of which the create request's round trip | {fmt(lat['create_round_trip']['p50_ms'], 3)} | "
-            f"{fmt(lat['create_round_trip']['p99_ms'], 3)} | | |")
-        add(f"| … latency − create round trip | {fmt(lat['latency_minus_create_rtt']['p50_ms'], 3)} | "
+            f"(target ≤ 3×); {fmt(lat['ratio_p50_vs_me_p50'], 2)}× /v1/me p50 |"
+        )
+        add(
+            f"| … of which the create request's round trip | {fmt(lat['create_round_trip']['p50_ms'], 3)} | "
+            f"{fmt(lat['create_round_trip']['p99_ms'], 3)} | | |"
+        )
+        add(
+            f"| … latency − create round trip | {fmt(lat['latency_minus_create_rtt']['p50_ms'], 3)} | "
             f"{fmt(lat['latency_minus_create_rtt']['p99_ms'], 3)} | | "
-            f"p50 {fmt(lat['ratio_p50_minus_create_vs_health_p50'], 2)}× health p50 |")
+            f"p50 {fmt(lat['ratio_p50_minus_create_vs_health_p50'], 2)}× health p50 |"
+        )
         add("")
-        add("| workers | jobs | claims/s | API req/s (claim+complete) | claims/s ÷ health req/s (1 client) | "
+        add(
+            "| workers | jobs | claims/s | API req/s (claim+complete) | claims/s ÷ health req/s (1 client) | "
             "API req/s ÷ health req/s (1 client / same threads) | claims/s ÷ raw SQL claims/s | "
-            "pairs/s ÷ raw SQL pairs/s | claim p50 / complete p50 ms | server CPU ms/pair | 204s while jobs pending | violations |")
+            "pairs/s ÷ raw SQL pairs/s | claim p50 / complete p50 ms | server CPU ms/pair | 204s while jobs pending | violations |"
+        )
         add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w, tp in r["throughput"].items():
-            add(f"| {w} | {tp['jobs']} | {fmt(tp['claims_per_s'])} | {fmt(tp['api_requests_per_s'])} | "
+            add(
+                f"| {w} | {tp['jobs']} | {fmt(tp['claims_per_s'])} | {fmt(tp['api_requests_per_s'])} | "
                 f"{fmt(tp['ratio_claims_vs_health_rps_1client'], 2)} | "
                 f"{fmt(tp['ratio_requests_vs_health_rps_1client'], 2)} / {fmt(tp['ratio_requests_vs_health_rps_same_threads'], 2)} | "
                 f"{fmt(tp.get('ratio_claims_vs_raw_sql_claims'), 3)} | {fmt(tp.get('ratio_pairs_vs_raw_sql_pairs'), 3)} | "
                 f"{fmt(tp['claim_request']['p50_ms'], 2)} / {fmt(tp['complete_request']['p50_ms'], 2)} | "
                 f"{fmt(tp['server_cpu_ms_per_pair'], 2)} | {fmt(tp.get('spurious_empty_claims'))} | "
-                f"{tp['violations']['total']} |")
+                f"{tp['violations']['total']} |"
+            )
         raw = r["raw_sql"]
         add("")
-        add(f"Raw SQL floor (in-process, same store functions, 1 thread, fresh {name} database, {raw['jobs']} jobs): "
+        add(
+            f"Raw SQL floor (in-process, same store functions, 1 thread, fresh {name} database, {raw['jobs']} jobs): "
             f"**{fmt(raw['claims_per_s'])} claims/s** (`jobs.claim` only), "
-            f"**{fmt(raw['claim_complete_pairs_per_s'])} claim+complete pairs/s**.")
-        add(f"Server peak RSS {fmt(r.get('server_peak_rss_mib'))} MiB; load average at start "
-            f"{r.get('loadavg_at_start')}; wall time {fmt(r.get('wall_s'))} s.\n")
+            f"**{fmt(raw['claim_complete_pairs_per_s'])} claim+complete pairs/s**."
+        )
+        add(
+            f"Server peak RSS {fmt(r.get('server_peak_rss_mib'))} MiB; load average at start "
+            f"{r.get('loadavg_at_start')}; wall time {fmt(r.get('wall_s'))} s.\n"
+        )
     imp = results.get("startup")
     if imp:
         add("### start-up (median of 10 fresh processes)\n")
-        add("| command | median s (bytecode cache) | Δ vs `python -c pass` | median s (as configured: no .pyc written) | Δ vs `python -c pass` | target Δ ≤ 0.3 s |")
+        add(
+            "| command | median s (bytecode cache) | Δ vs `python -c pass` | median s (as configured: no .pyc written) | Δ vs `python -c pass` | target Δ ≤ 0.3 s |"
+        )
         add("|---|---:|---:|---:|---:|---|")
         cached, raw = imp.get("bytecode_cache", {}), imp.get("as_configured", {})
         for k in cached:
             a, b = cached[k], raw.get(k, {})
             if a.get("ok"):
                 d = a.get("delta_vs_pass_s")
-                ok = "" if k == "python -c pass" or k.startswith("import httpx") else (
-                    "met" if d is not None and d <= 0.3 else "missed")
-                add(f"| `{k}` | {fmt(a['median_s'], 3)} | {fmt(d, 3)} | {fmt(b.get('median_s'), 3)} | "
-                    f"{fmt(b.get('delta_vs_pass_s'), 3)} | {ok} |")
+                ok = (
+                    ""
+                    if k == "python -c pass" or k.startswith("import httpx")
+                    else ("met" if d is not None and d <= 0.3 else "missed")
+                )
+                add(
+                    f"| `{k}` | {fmt(a['median_s'], 3)} | {fmt(d, 3)} | {fmt(b.get('median_s'), 3)} | "
+                    f"{fmt(b.get('delta_vs_pass_s'), 3)} | {ok} |"
+                )
             else:
                 add(f"| `{k}` | failed | | | | {a.get('note')} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "queue.json"))
-    ap.add_argument("--jobs", type=int, default=None, help="pending jobs per throughput run (default 300 SQLite, 150 PostgreSQL)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="pending jobs per throughput run (default 300 SQLite, 150 PostgreSQL)",
+    )
     ap.add_argument("--raw-jobs", type=int, default=None, help="jobs for the raw SQL floor")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--latency-n", type=int, default=200)
     ap.add_argument("--floor-requests", type=int, default=500)
-    ap.add_argument("--floor-duration", type=float, default=1.5, help="seconds per concurrent floor")
+    ap.add_argument(
+        "--floor-duration", type=float, default=1.5, help="seconds per concurrent floor"
+    )
     ap.add_argument("--no-startup", action="store_true", help="skip the import / CLI timings")
     ap.add_argument("--startup-only", action="store_true", help="only the import / CLI timings")
     args = ap.parse_args(argv)
