@@ -57,12 +57,16 @@ class APIError(OpenWeightsError):
 
 
 class APIConnectionError(APIError):
-    def __init__(self, message: str = "Could not connect to the openweights server.", *, request=None):
+    def __init__(
+        self, message: str = "Could not connect to the openweights server.", *, request=None
+    ):
         super().__init__(message, request=request)
 
 
 class APITimeoutError(APIConnectionError):
-    def __init__(self, message: str = "The openweights server did not answer in time.", *, request=None):
+    def __init__(
+        self, message: str = "The openweights server did not answer in time.", *, request=None
+    ):
         super().__init__(message, request=request)
 
 

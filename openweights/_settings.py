@@ -44,9 +44,13 @@ class Settings(BaseSettings):
         "Unset: generated once into $OPENWEIGHTS_HOME/secret.key (mode 0600).",
     )
     allow_signup: bool = Field(default=True, description="Let anyone create an org on this server.")
-    lease_s: float = Field(default=30.0, description="A run is lost after this long without a heartbeat.")
+    lease_s: float = Field(
+        default=30.0, description="A run is lost after this long without a heartbeat."
+    )
     max_attempts: int = Field(default=3, description="Default attempts per job before it fails.")
-    cancel_grace_s: float = Field(default=5.0, description="SIGTERM → SIGKILL grace for canceled jobs.")
+    cancel_grace_s: float = Field(
+        default=5.0, description="SIGTERM → SIGKILL grace for canceled jobs."
+    )
     worker_offline_s: float = Field(
         default=60.0, description="A worker that has not been heard from for this long is offline."
     )

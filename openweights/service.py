@@ -90,7 +90,9 @@ def _running(home: Path) -> dict | None:
 def _credentials(home: Path, url: str) -> Credentials:
     creds = _read_json(_paths(home)["credentials"])
     if not creds:
-        raise ServiceError(f"The embedded service in {home} has no credentials file; restart it: `ow service restart`.")
+        raise ServiceError(
+            f"The embedded service in {home} has no credentials file; restart it: `ow service restart`."
+        )
     return Credentials(url=url, api_key=creds["api_key"], org_id=creds["org_id"])
 
 
@@ -112,7 +114,11 @@ def ensure_running(settings: Settings | None = None) -> Credentials:
             return _credentials(home, info["url"])
         p["service"].unlink(missing_ok=True)
         p["log"].parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHTS_URL", "OPENWEIGHTS_API_KEY")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("OPENWEIGHTS_URL", "OPENWEIGHTS_API_KEY")
+        }
         env["OPENWEIGHTS_HOME"] = str(home)
         with open(p["log"], "ab") as out:
             proc = subprocess.Popen(
@@ -133,7 +139,9 @@ def ensure_running(settings: Settings | None = None) -> Credentials:
                 tail = p["log"].read_text(errors="replace")[-2000:]
                 raise ServiceError(f"The embedded openweights service exited at start:\n{tail}")
             time.sleep(0.05)
-        raise ServiceError(f"The embedded openweights service did not start within {START_TIMEOUT_S:.0f} s; see {p['log']}.")
+        raise ServiceError(
+            f"The embedded openweights service did not start within {START_TIMEOUT_S:.0f} s; see {p['log']}."
+        )
 
 
 def status(settings: Settings | None = None) -> dict:
@@ -141,8 +149,13 @@ def status(settings: Settings | None = None) -> dict:
     home = settings.home
     info = _read_json(_paths(home)["service"]) or {}
     running = bool(info) and _alive(int(info.get("pid", 0))) and _healthy(info.get("url", ""))
-    out = {"home": str(home), "running": running, "url": info.get("url") if running else None,
-           "pid": info.get("pid") if running else None, "log": str(_paths(home)["log"])}
+    out = {
+        "home": str(home),
+        "running": running,
+        "url": info.get("url") if running else None,
+        "pid": info.get("pid") if running else None,
+        "log": str(_paths(home)["log"]),
+    }
     if running:
         out["workers"] = info.get("workers", 0)
         out["started_at"] = info.get("started_at")
@@ -195,7 +208,9 @@ def _bootstrap(settings: Settings) -> tuple[str, str]:
         now = db.now(conn)
         if creds is None:
             org = orgs.create_org(conn, "local", now)
-            _, key = orgs.create_token(conn, org_id=org["id"], name="local admin", kind="user", now=now)
+            _, key = orgs.create_token(
+                conn, org_id=org["id"], name="local admin", kind="user", now=now
+            )
             creds = {"api_key": key, "org_id": org["id"]}
             _write_private(p["credentials"], json.dumps(creds, indent=2))
         if worker_token is None:
@@ -231,9 +246,22 @@ class _WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         log = open(self.home / "logs" / f"worker-{i}.log", "ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "openweights.worker", "--url", self.url, "--token", self.token,
-             "--name", f"local-{i}", "--any-hardware"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "openweights.worker",
+                "--url",
+                self.url,
+                "--token",
+                self.token,
+                "--name",
+                f"local-{i}",
+                "--any-hardware",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def run(self) -> None:
@@ -285,7 +313,9 @@ def run_service(settings: Settings | None = None) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", access_log=False, timeout_graceful_shutdown=3
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # we handle signals below
     pool = _WorkerPool(url, worker_token, _pool_size(), home)
@@ -329,5 +359,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["run"]:
         run_service()
     else:
-        print("usage: python -m openweights.service run   (use `ow service start|stop|status`)", file=sys.stderr)
+        print(
+            "usage: python -m openweights.service run   (use `ow service start|stop|status`)",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -53,15 +53,22 @@ class Server:
         log = open(self.home / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "openweights.server", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
+
         def up():
             if self.proc.poll() is not None:
-                raise AssertionError("server exited:\n" + (self.home / "server.log").read_text()[-3000:])
+                raise AssertionError(
+                    "server exited:\n" + (self.home / "server.log").read_text()[-3000:]
+                )
             try:
                 return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
+
         wait_until(up, 60, "server health")
         return self
 
@@ -162,15 +169,30 @@ def start_worker(tmp_path) -> Iterator:
     """Start real worker processes (`python -m openweights.worker`); all are stopped at teardown."""
     procs: list[Worker] = []
 
-    def start(url: str, token: str, *args: str, name: str | None = None, env: dict | None = None) -> Worker:
+    def start(
+        url: str, token: str, *args: str, name: str | None = None, env: dict | None = None
+    ) -> Worker:
         i = len(procs)
         log = tmp_path / f"worker-{i}.log"
         e = base_env(tmp_path / f"worker-home-{i}")
         e.update(env or {})
         proc = subprocess.Popen(
-            [sys.executable, "-m", "openweights.worker", "--url", url, "--token", token,
-             "--name", name or f"test-{i}", *args],
-            env=e, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "openweights.worker",
+                "--url",
+                url,
+                "--token",
+                token,
+                "--name",
+                name or f"test-{i}",
+                *args,
+            ],
+            env=e,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
             start_new_session=True,
         )
         w = Worker(proc, log)

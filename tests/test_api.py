@@ -24,7 +24,12 @@ def api(server, api_key) -> Api:
 
 
 def job_body(**over) -> dict:
-    body = {"type": "custom", "id_prefix": "addjob", "params": {"validated_params": {"a": 1, "b": 2}}, "script": "true"}
+    body = {
+        "type": "custom",
+        "id_prefix": "addjob",
+        "params": {"validated_params": {"a": 1, "b": 2}},
+        "script": "true",
+    }
     body.update(over)
     return body
 
@@ -81,9 +86,14 @@ def test_pending_job_says_why_it_waits(api):
 
 def test_claim_matches_hardware_and_vram(api):
     cpu = register(api)
-    gpu = register(api, hardware={"gpu_type": "A100", "gpu_count": 1, "vram_gb": 80, "hardware_type": "1x A100"})
+    gpu = register(
+        api,
+        hardware={"gpu_type": "A100", "gpu_count": 1, "vram_gb": 80, "hardware_type": "1x A100"},
+    )
     big = api.post("/v1/jobs", json=job_body(requires_vram_gb=40, script="echo big")).json()
-    h200 = api.post("/v1/jobs", json=job_body(allowed_hardware=["1x H200"], script="echo h200")).json()
+    h200 = api.post(
+        "/v1/jobs", json=job_body(allowed_hardware=["1x H200"], script="echo h200")
+    ).json()
     assert claim(api, cpu, wait_s=0) is None
     got = claim(api, gpu, wait_s=0)
     assert got["job"]["id"] == big["id"]
@@ -109,7 +119,9 @@ def test_long_poll_claim_wakes_when_a_job_arrives(api):
     api.post("/v1/jobs", json=job_body(script="echo wake"))
     th.join(30)
     assert result["claim"] is not None
-    assert time.monotonic() - t0 < 5, "a parked claim must be woken by the new job, not by its timeout"
+    assert time.monotonic() - t0 < 5, (
+        "a parked claim must be woken by the new job, not by its timeout"
+    )
 
 
 def test_lost_lease_requeues_then_fences_the_old_run(api):
@@ -118,7 +130,9 @@ def test_lost_lease_requeues_then_fences_the_old_run(api):
     first = claim(api, w1)
     assert first["lease_s"] == LEASE_S
     # w1 goes silent; its lease lapses and the sweeper requeues the job
-    wait_until(lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "pending", 20, "requeue")
+    wait_until(
+        lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "pending", 20, "requeue"
+    )
     second = claim(api, w2)
     assert second["job"]["id"] == job["id"] and second["run"]["attempt"] == 2
     old = first["run"]["id"]
@@ -131,7 +145,9 @@ def test_lost_lease_requeues_then_fences_the_old_run(api):
         assert r.status_code == 409, (path, r.text)
     runs = api.get(f"/v1/jobs/{job['id']}/runs").json()["data"]
     assert runs[0]["status"] == "lost" and "lease expired" in runs[0]["error"]
-    r = api.post(f"/v1/runs/{second['run']['id']}/complete", json={"status": "completed", "exit_code": 0})
+    r = api.post(
+        f"/v1/runs/{second['run']['id']}/complete", json={"status": "completed", "exit_code": 0}
+    )
     assert r.status_code == 200
     assert api.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
 
@@ -142,9 +158,16 @@ def test_job_fails_with_reason_after_max_attempts(api):
     for attempt in (1, 2):
         got = claim(api, w)
         assert got["run"]["attempt"] == attempt
-        api.post(f"/v1/runs/{got['run']['id']}/complete", json={"status": "lost", "error": "worker stopping"})
+        api.post(
+            f"/v1/runs/{got['run']['id']}/complete",
+            json={"status": "lost", "error": "worker stopping"},
+        )
     final = api.get(f"/v1/jobs/{job['id']}").json()
-    assert final["status"] == "failed" and "2 attempt" in final["error"] and "worker stopping" in final["error"]
+    assert (
+        final["status"] == "failed"
+        and "2 attempt" in final["error"]
+        and "worker stopping" in final["error"]
+    )
 
 
 def test_cancel_reaches_a_parked_heartbeat_at_once(api):
@@ -182,8 +205,11 @@ def test_logs_are_appended_once_and_become_a_file(api):
     assert api.post(f"/v1/runs/{run}/logs?offset=99", content=b"gap").status_code == 409
     assert api.get(f"/v1/runs/{run}/log").text == "hello\nworld\n"
     assert api.get(f"/v1/runs/{run}/log?offset=6").text == "world\n"
-    api.post(f"/v1/runs/{run}/events", json={"events": [{"data": {"x": 1, "file": None}}, {"data": {"x": 2}}]},
-             headers={"Authorization": f"Bearer {got['token']}"})
+    api.post(
+        f"/v1/runs/{run}/events",
+        json={"events": [{"data": {"x": 1, "file": None}}, {"data": {"x": 2}}]},
+        headers={"Authorization": f"Bearer {got['token']}"},
+    )
     api.post(f"/v1/runs/{run}/complete", json={"status": "completed", "exit_code": 0})
     runs = api.get(f"/v1/jobs/{job['id']}/runs").json()["data"]
     assert api.get(f"/v1/files/{runs[-1]['log_file']}/content").text == "hello\nworld\n"
@@ -212,14 +238,20 @@ def test_run_token_is_scoped_to_its_own_run_and_revoked_when_it_ends(api):
 
 def test_upload_is_validated_with_file_line_and_field_and_nothing_is_stored(api):
     bad = b'{"messages":[{"role":"user","content":"hi"}]}\n{"messages":[{"role":"bot","content":"x"}]}\n'
-    r = api.post("/v1/files", params={"purpose": "conversations", "filename": "train.jsonl"}, content=bad)
+    r = api.post(
+        "/v1/files", params={"purpose": "conversations", "filename": "train.jsonl"}, content=bad
+    )
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
     assert "train.jsonl" in msg and "line 2" in msg and "role" in msg
     assert api.get("/v1/files").json()["data"] == []
     good = b'{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}\n'
-    f1 = api.post("/v1/files", params={"purpose": "conversations", "filename": "a.jsonl"}, content=good).json()
-    f2 = api.post("/v1/files", params={"purpose": "conversations", "filename": "b.jsonl"}, content=good).json()
+    f1 = api.post(
+        "/v1/files", params={"purpose": "conversations", "filename": "a.jsonl"}, content=good
+    ).json()
+    f2 = api.post(
+        "/v1/files", params={"purpose": "conversations", "filename": "b.jsonl"}, content=good
+    ).json()
     assert f1["id"] == f2["id"] and f1["id"].startswith("conversations:file-")
     assert api.get(f"/v1/files/{f1['id']}/content").content == good
     # OpenAI-style multipart upload
@@ -232,7 +264,9 @@ def test_other_orgs_ids_look_like_missing_ones(server, api):
     w = register(api)
     job = api.post("/v1/jobs", json=job_body(script="echo mine")).json()
     got = claim(api, w)
-    f = api.post("/v1/files", params={"purpose": "result", "filename": "x"}, content=b"secret bytes").json()
+    f = api.post(
+        "/v1/files", params={"purpose": "result", "filename": "x"}, content=b"secret bytes"
+    ).json()
     api.put("/v1/secrets/HF_TOKEN", json={"value": "hf_xyz"})
     tok = api.post("/v1/tokens", json={"name": "t"}).json()
     other = Api(server.url, server.signup("other"))
@@ -319,9 +353,16 @@ def test_every_error_is_json_with_a_message(server, api):
 
 
 def test_find_matches_validated_params(api):
-    api.post("/v1/jobs", json=job_body(params={"validated_params": {"model": "m1", "lr": 1, "cfg": {"x": 1, "y": 2}}}))
+    api.post(
+        "/v1/jobs",
+        json=job_body(
+            params={"validated_params": {"model": "m1", "lr": 1, "cfg": {"x": 1, "y": 2}}}
+        ),
+    )
     api.post("/v1/jobs", json=job_body(params={"validated_params": {"model": "m2", "lr": 1}}))
     found = api.post("/v1/jobs/find", json={"params": {"lr": 1}}).json()["data"]
     assert len(found) == 2
-    found = api.post("/v1/jobs/find", json={"params": {"model": "m1", "cfg": {"x": 1}}}).json()["data"]
+    found = api.post("/v1/jobs/find", json={"params": {"model": "m1", "cfg": {"x": 1}}}).json()[
+        "data"
+    ]
     assert [j["params"]["validated_params"]["model"] for j in found] == ["m1"]

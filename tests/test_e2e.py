@@ -71,8 +71,12 @@ def test_custom_job_cookbook_runs_unchanged_on_the_embedded_default(tmp_path):
     env = base_env(tmp_path / "home")
     try:
         out = subprocess.run(
-            [sys.executable, "cookbook/custom_job/client_side.py"], cwd=ROOT, env=env,
-            capture_output=True, text=True, timeout=240,
+            [sys.executable, "cookbook/custom_job/client_side.py"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "Job completed successfully" in out.stdout
@@ -83,14 +87,24 @@ def test_custom_job_cookbook_runs_unchanged_on_the_embedded_default(tmp_path):
         info = json.loads((tmp_path / "home" / "service.json").read_text())
         # a second script attaches to the same service and sees the same job (same content hash)
         again = subprocess.run(
-            [sys.executable, "-c", "from openweights import OpenWeights; ow = OpenWeights(); "
-             "print([j.status for j in ow.jobs.list()])"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-c",
+                "from openweights import OpenWeights; ow = OpenWeights(); "
+                "print([j.status for j in ow.jobs.list()])",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert again.returncode == 0, again.stderr
         assert "completed" in again.stdout
         assert json.loads((tmp_path / "home" / "service.json").read_text())["pid"] == info["pid"]
-        status = subprocess.run(["ow", "service", "status"], env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            ["ow", "service", "status"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert str(info["pid"]) in status.stdout
     finally:
         subprocess.run(["ow", "service", "stop"], env=env, capture_output=True, timeout=60)
@@ -149,7 +163,9 @@ def test_worker_runs_a_job_with_mounts_logs_events_and_uploads(server, ow, start
     assert ow.mountjob.create(x=7).id == job.id  # resubmitting a completed job returns it
 
 
-def test_sigkilled_worker_loses_its_lease_and_another_worker_retries_the_job(server, ow, start_worker):
+def test_sigkilled_worker_loses_its_lease_and_another_worker_retries_the_job(
+    server, ow, start_worker
+):
     token = worker_token(ow)
     a = start_worker(server.url, token, name="a")
     job = script_job(ow, 'echo "attempt $OPENWEIGHTS_RUN_ID"; sleep 4; echo done', tag="kill")
@@ -169,12 +185,16 @@ def test_sigkilled_worker_loses_its_lease_and_another_worker_retries_the_job(ser
     assert runs[-1].attempt == 2 and runs[0].worker_id != runs[-1].worker_id
 
 
-def test_cancel_stops_the_process_group_within_seconds_and_worker_goes_on(server, ow, start_worker, tmp_path):
+def test_cancel_stops_the_process_group_within_seconds_and_worker_goes_on(
+    server, ow, start_worker, tmp_path
+):
     pidfile = tmp_path / "pids"
     start_worker(server.url, worker_token(ow), env={"OPENWEIGHTS_CANCEL_GRACE_S": "2"})
     stubborn = f"trap '' TERM; sleep 1000 & echo $! >> {pidfile}; echo $$ >> {pidfile}; wait"
     job = script_job(ow, stubborn, tag="cancel")
-    wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 60, "job started")
+    wait_until(
+        lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 60, "job started"
+    )
     pids = [int(p) for p in pidfile.read_text().split()]
     t0 = time.monotonic()
     job.cancel()
@@ -198,9 +218,15 @@ def test_failed_job_reports_exit_code_and_log_tail(server, ow, start_worker):
 def test_logs_follow_streams_live_output(server, ow, api_key, start_worker, tmp_path):
     start_worker(server.url, worker_token(ow))
     gate = tmp_path / "gate"
-    job = script_job(ow, f"echo first line; while [ ! -f {gate} ]; do sleep 0.05; done; echo second line", tag="follow")
+    job = script_job(
+        ow,
+        f"echo first line; while [ ! -f {gate} ]; do sleep 0.05; done; echo second line",
+        tag="follow",
+    )
     env = dict(os.environ, OPENWEIGHTS_URL=server.url, OPENWEIGHTS_API_KEY=api_key)
-    proc = subprocess.Popen(["ow", "logs", "-f", job.id], env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["ow", "logs", "-f", job.id], env=env, stdout=subprocess.PIPE, text=True
+    )
     first = proc.stdout.readline()
     assert "first line" in first  # seen while the job still runs
     assert job.refresh().status == "in_progress"
@@ -216,7 +242,11 @@ def test_server_restart_mid_job_loses_nothing(server_factory, start_worker, tmp_
     ow = OpenWeights(base_url=srv.url, api_key=srv.signup())
     start_worker(srv.url, worker_token(ow))
     gate = tmp_path / "gate"
-    job = script_job(ow, f"echo started; while [ ! -f {gate} ]; do sleep 0.05; done; echo finished", tag="restart")
+    job = script_job(
+        ow,
+        f"echo started; while [ ! -f {gate} ]; do sleep 0.05; done; echo finished",
+        tag="restart",
+    )
     wait_until(lambda: job.refresh().status == "in_progress", 60, "start")
     srv.stop()
     srv.start()  # same home, same port
@@ -239,7 +269,10 @@ def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory,
     c = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     n = 2000
     for i in range(n):
-        r = c.post("/v1/jobs", json={"type": "custom", "id_prefix": "noop", "params": {"i": i}, "script": "true"})
+        r = c.post(
+            "/v1/jobs",
+            json={"type": "custom", "id_prefix": "noop", "params": {"i": i}, "script": "true"},
+        )
         assert r.status_code == 200
     token = worker_token(ow)
     for _ in range(16):
@@ -248,8 +281,11 @@ def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory,
     def done():
         page = c.get("/v1/jobs", params={"status": "completed", "limit": 1000}).json()
         counts = sum(1 for _ in page["data"])
-        return counts == 1000 and not c.get("/v1/jobs", params={"status": "pending", "limit": 1}).json()["data"] \
+        return (
+            counts == 1000
+            and not c.get("/v1/jobs", params={"status": "pending", "limit": 1}).json()["data"]
             and not c.get("/v1/jobs", params={"status": "in_progress", "limit": 1}).json()["data"]
+        )
 
     wait_until(done, 600, "all jobs done", interval_s=1)
     jobs, after = [], None
@@ -260,7 +296,11 @@ def test_sixteen_workers_run_two_thousand_jobs_each_exactly_once(server_factory,
             break
         after = page["data"][-1]["id"]
     assert len(jobs) == n
-    odd = [(j["id"], j["status"], j["attempts"], j["error"]) for j in jobs if j["status"] != "completed" or j["attempts"] != 1]
+    odd = [
+        (j["id"], j["status"], j["attempts"], j["error"])
+        for j in jobs
+        if j["status"] != "completed" or j["attempts"] != 1
+    ]
     assert not odd, odd[:10]
     sample = jobs[:: n // 50]
     for j in sample:
@@ -272,7 +312,11 @@ def test_worker_paused_past_its_lease_is_fenced_when_it_wakes(server, ow, start_
     token = worker_token(ow)
     a = start_worker(server.url, token, name="zombie")
     marker = tmp_path / "marker"
-    job = script_job(ow, f'echo "$OPENWEIGHTS_RUN_ID" >> {marker}; sleep 6; echo "done $OPENWEIGHTS_RUN_ID" >> {marker}', tag="zombie")
+    job = script_job(
+        ow,
+        f'echo "$OPENWEIGHTS_RUN_ID" >> {marker}; sleep 6; echo "done $OPENWEIGHTS_RUN_ID" >> {marker}',
+        tag="zombie",
+    )
     wait_until(lambda: marker.exists(), 60, "first attempt started")
     group = [a.proc.pid, *descendants(a.proc.pid)]
     for pid in group:

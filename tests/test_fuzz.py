@@ -17,12 +17,28 @@ def test_schemathesis_finds_no_server_errors(server_factory):
     exe = shutil.which("schemathesis") or shutil.which("st")
     cmd = [exe] if exe else [sys.executable, "-m", "schemathesis.cli"]
     proc = subprocess.run(
-        [*cmd, "run", f"{srv.url}/openapi.json", "-H", f"Authorization: Bearer {key}",
-         "--checks", "not_a_server_error", "--max-examples", "10", "--phases", "coverage,fuzzing",
-         # long-polls wait by design; dedicated tests cover them
-         "--exclude-path-regex", r"(/wait$|/heartbeat$|/claim$)",
-         "--seed", "1", "--no-color"],
-        capture_output=True, text=True, timeout=600,
+        [
+            *cmd,
+            "run",
+            f"{srv.url}/openapi.json",
+            "-H",
+            f"Authorization: Bearer {key}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "10",
+            "--phases",
+            "coverage,fuzzing",
+            # long-polls wait by design; dedicated tests cover them
+            "--exclude-path-regex",
+            r"(/wait$|/heartbeat$|/claim$)",
+            "--seed",
+            "1",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     log = (srv.home / "server.log").read_text()

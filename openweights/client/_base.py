@@ -51,7 +51,9 @@ class BaseHTTP:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def _should_retry(self, method: str, attempt: int, *, status: int | None, retry: bool | None) -> bool:
+    def _should_retry(
+        self, method: str, attempt: int, *, status: int | None, retry: bool | None
+    ) -> bool:
         if attempt >= self.max_retries:
             return False
         allowed = retry if retry is not None else method.upper() in _IDEMPOTENT

@@ -2,7 +2,9 @@ import argparse
 
 from openweights.server.app import serve
 
-parser = argparse.ArgumentParser(prog="python -m openweights.server", description="Run the openweights server.")
+parser = argparse.ArgumentParser(
+    prog="python -m openweights.server", description="Run the openweights server."
+)
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, default=8124)
 args = parser.parse_args()

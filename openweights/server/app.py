@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-def _error(status: int, type_: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
+def _error(
+    status: int, type_: str, message: str, param: str | None = None, headers=None
+) -> JSONResponse:
     return JSONResponse(
-        {"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers
+        {"error": {"type": type_, "message": message, "param": param}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -38,12 +42,21 @@ async def sweep_once(state: AppState) -> int:
         for run_id in ids:
             with state.db.write() as conn:
                 now = state.db.now(conn)
-                job = q.lose_run(conn, run_id, now, "lease expired: its worker stopped heartbeating")
+                job = q.lose_run(
+                    conn, run_id, now, "lease expired: its worker stopped heartbeating"
+                )
                 if job is not None:
-                    keys = [queue_key(job["org_id"]), job_key(job["org_id"], job["id"]), run_key(run_id)]
+                    state.revoked(conn, f"auth:run:{run_id}")
+                    keys = [
+                        queue_key(job["org_id"]),
+                        job_key(job["org_id"], job["id"]),
+                        run_key(run_id),
+                    ]
                     state.publish(conn, *keys)
                     woken += keys
-                    log.warning("run %s lost its lease; job %s is now %s", run_id, job["id"], job["status"])
+                    log.warning(
+                        "run %s lost its lease; job %s is now %s", run_id, job["id"], job["status"]
+                    )
         return woken
 
     keys = await state.call(work)
@@ -121,7 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+        return _error(
+            exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def unhandled(_request: Request, exc: Exception):
@@ -139,7 +154,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def serve(*, host: str = "127.0.0.1", port: int = 8124, settings: Settings | None = None, log_level: str = "info") -> None:
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8124,
+    settings: Settings | None = None,
+    log_level: str = "info",
+) -> None:
     """Run the server in this process (blocking)."""
     import uvicorn
 

@@ -25,7 +25,8 @@ def run_key(run_id: int) -> str:
 
 
 class Notifier:
-    def __init__(self) -> None:
+    def __init__(self, on_auth=None) -> None:
+        self._on_auth = on_auth  # called with `auth:` keys (revocations) from other servers
         self._events: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: threading.Thread | None = None
@@ -43,6 +44,8 @@ class Notifier:
 
     def notify(self, *keys: str) -> None:
         for key in keys:
+            if key.startswith("auth:") and self._on_auth is not None:
+                self._on_auth(key)
             ev = self._events.pop(key, None)
             if ev is not None:
                 ev.set()
@@ -65,7 +68,9 @@ class Notifier:
     async def wait_any(events: list[asyncio.Event], timeout_s: float) -> bool:
         waits = [asyncio.ensure_future(ev.wait()) for ev in events]
         try:
-            done, _ = await asyncio.wait(waits, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED
+            )
             return bool(done)
         finally:
             for w in waits:
@@ -75,7 +80,9 @@ class Notifier:
 
     def listen_postgres(self, sqlalchemy_url: str) -> None:
         dsn = sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
-        self._listener = threading.Thread(target=self._listen, args=(dsn,), daemon=True, name="pg-listen")
+        self._listener = threading.Thread(
+            target=self._listen, args=(dsn,), daemon=True, name="pg-listen"
+        )
         self._listener.start()
 
     def _listen(self, dsn: str) -> None:

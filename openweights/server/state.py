@@ -9,6 +9,7 @@ import anyio.to_thread
 from sqlalchemy import Connection, text
 
 from openweights._settings import Settings
+from openweights.server.auth import AuthCache
 from openweights.server.notify import CHANNEL, Notifier
 from openweights.store.blobs import open_blob_store
 from openweights.store.crypto import SecretBox, load_keys
@@ -24,7 +25,8 @@ class AppState:
         self.db = Database(settings.resolved_database_url())
         self.blobs = open_blob_store(settings.resolved_storage_url(), settings.home)
         self.box = SecretBox(load_keys(settings.secret_key, settings.home))
-        self.notifier = Notifier()
+        self.auth_cache = AuthCache()
+        self.notifier = Notifier(on_auth=self.auth_cache.drop)
         self.tmp_dir = settings.home / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -37,3 +39,8 @@ class AppState:
         if not self.db.is_sqlite:
             for key in keys:
                 conn.execute(text("SELECT pg_notify(:c, :k)"), {"c": CHANNEL, "k": key})
+
+    def revoked(self, conn: Connection, key: str) -> None:
+        """A token (`auth:token:<id>`) or a run's token (`auth:run:<id>`) stopped being valid."""
+        self.auth_cache.drop(key)
+        self.publish(conn, key)

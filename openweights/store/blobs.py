@@ -122,4 +122,6 @@ def open_blob_store(url: str, home: Path) -> LocalBlobs | S3Blobs:
         return S3Blobs(parsed.netloc, parsed.path, home / "tmp")
     if parsed.scheme in ("file", ""):
         return LocalBlobs(Path(parsed.path if parsed.scheme else url))
-    raise ValueError(f"OPENWEIGHTS_STORAGE_URL: unsupported scheme {parsed.scheme!r} (use s3:// or file://)")
+    raise ValueError(
+        f"OPENWEIGHTS_STORAGE_URL: unsupported scheme {parsed.scheme!r} (use s3:// or file://)"
+    )

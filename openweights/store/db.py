@@ -30,9 +30,16 @@ class Database:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.read_engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-            self.write_engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-            for engine, begin in ((self.read_engine, "BEGIN"), (self.write_engine, "BEGIN IMMEDIATE")):
+            self.read_engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}
+            )
+            self.write_engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}
+            )
+            for engine, begin in (
+                (self.read_engine, "BEGIN"),
+                (self.write_engine, "BEGIN IMMEDIATE"),
+            ):
                 _sqlite_setup(engine, begin)
         else:
             self.read_engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
@@ -58,7 +65,9 @@ class Database:
         """The database's clock: leases never depend on a worker's or a second server's clock."""
         if self.is_sqlite:
             return time.time()  # one server process owns the file: its clock is the database's
-        return float(conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one())
+        return float(
+            conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one()
+        )
 
     def migrate(self) -> None:
         from alembic import command

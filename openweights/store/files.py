@@ -14,7 +14,14 @@ def file_id(purpose: str, sha256: str) -> str:
 
 
 def add_file(
-    conn: Connection, *, org_id: str, purpose: str, filename: str, size: int, sha256: str, now: float
+    conn: Connection,
+    *,
+    org_id: str,
+    purpose: str,
+    filename: str,
+    size: int,
+    sha256: str,
+    now: float,
 ) -> dict:
     fid = file_id(purpose, sha256)
     existing = _get(conn, org_id, fid)

@@ -27,7 +27,9 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def compute_job_id(org_id: str, *, type: str, params: dict, script: str, id_prefix: str, suffix: str | None) -> str:
+def compute_job_id(
+    org_id: str, *, type: str, params: dict, script: str, id_prefix: str, suffix: str | None
+) -> str:
     """Content hash of what the job does: the same submission gives the same id, whatever
     the key order; hardware and VRAM are not part of it (they can be changed on resubmit)."""
     digest = hashlib.sha256(
@@ -39,13 +41,20 @@ def compute_job_id(org_id: str, *, type: str, params: dict, script: str, id_pref
 # -- jobs ------------------------------------------------------------------------------------
 
 
-def create_job(conn: Connection, org_id: str, req: Any, now: float, default_max_attempts: int, *, lock: bool) -> tuple[dict, bool]:
+def create_job(
+    conn: Connection, org_id: str, req: Any, now: float, default_max_attempts: int, *, lock: bool
+) -> tuple[dict, bool]:
     """Insert, requeue (failed/canceled) or return the existing job. Returns (row, queued)."""
     suffix = req.job_id_suffix
     if suffix is None and isinstance(req.params.get("validated_params"), dict):
         suffix = req.params["validated_params"].get("job_id_suffix")
     jid = compute_job_id(
-        org_id, type=req.type, params=req.params, script=req.script, id_prefix=req.id_prefix, suffix=suffix
+        org_id,
+        type=req.type,
+        params=req.params,
+        script=req.script,
+        id_prefix=req.id_prefix,
+        suffix=suffix,
     )
     requirements = {
         "requires_vram_gb": req.requires_vram_gb,
@@ -138,7 +147,10 @@ def list_jobs(
     if after:
         anchor = get_job(conn, org_id, after)
         q = q.where(
-            or_(J.c.created_at < anchor["created_at"], and_(J.c.created_at == anchor["created_at"], J.c.pk < anchor["pk"]))
+            or_(
+                J.c.created_at < anchor["created_at"],
+                and_(J.c.created_at == anchor["created_at"], J.c.pk < anchor["pk"]),
+            )
         )
     q = q.order_by(J.c.created_at.desc(), J.c.pk.desc()).limit(limit + 1)
     rows = [dict(r) for r in conn.execute(q).mappings()]
@@ -146,7 +158,14 @@ def list_jobs(
 
 
 def find_jobs(
-    conn: Connection, org_id: str, *, params: dict, type: str | None, status: str | None, limit: int, dialect: str
+    conn: Connection,
+    org_id: str,
+    *,
+    params: dict,
+    type: str | None,
+    status: str | None,
+    limit: int,
+    dialect: str,
 ) -> list[dict]:
     """Jobs whose `params.validated_params` contain `params` (dicts by containment)."""
     q = select(J).where(J.c.org_id == org_id)
@@ -173,7 +192,9 @@ def find_jobs(
 
 def _contains(have: Any, want: Any) -> bool:
     if isinstance(want, dict):
-        return isinstance(have, dict) and all(k in have and _contains(have[k], v) for k, v in want.items())
+        return isinstance(have, dict) and all(
+            k in have and _contains(have[k], v) for k, v in want.items()
+        )
     return have == want
 
 
@@ -183,7 +204,12 @@ def cancel_job(conn: Connection, org_id: str, job_id: str, now: float) -> dict:
         raise Conflict(
             f"Job {job_id!r} is {job['status']}; cannot cancel it. Resubmit it (or `restart`) to run it again."
         )
-    values = {"status": "canceled", "updated_at": now, "finished_at": now, "error": "canceled by user"}
+    values = {
+        "status": "canceled",
+        "updated_at": now,
+        "finished_at": now,
+        "error": "canceled by user",
+    }
     conn.execute(update(J).where(J.c.pk == job["pk"]).values(**values))
     job.update(values)
     return job
@@ -217,7 +243,10 @@ def fits(job: dict, worker: dict) -> bool:
         hardware_ok = worker["hardware_type"] in job["allowed_hardware"]
     else:
         hardware_ok = (job["requires_vram_gb"] or 0) <= worker["vram_gb"]
-    image_ok = worker["docker_image"] is None or job["docker_image"] in (None, worker["docker_image"])
+    image_ok = worker["docker_image"] is None or job["docker_image"] in (
+        None,
+        worker["docker_image"],
+    )
     return hardware_ok and image_ok
 
 
@@ -225,7 +254,11 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
     live = [
         dict(r)
         for r in conn.execute(
-            select(W).where(W.c.org_id == job["org_id"], W.c.status == "active", W.c.last_seen_at >= now - offline_s)
+            select(W).where(
+                W.c.org_id == job["org_id"],
+                W.c.status == "active",
+                W.c.last_seen_at >= now - offline_s,
+            )
         ).mappings()
     ]
     need = (
@@ -247,7 +280,9 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
     ahead = conn.execute(
         select(func.count())
         .select_from(J)
-        .where(J.c.org_id == job["org_id"], J.c.status == "pending", J.c.queued_at < job["queued_at"])
+        .where(
+            J.c.org_id == job["org_id"], J.c.status == "pending", J.c.queued_at < job["queued_at"]
+        )
     ).scalar_one()
     busy = sum(1 for w in fitting if w["current_run_id"] is not None)
     return f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, {ahead} job(s) ahead."
@@ -256,7 +291,9 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
 # -- workers ---------------------------------------------------------------------------------
 
 
-def register_worker(conn: Connection, org_id: str, req: Any, token_id: str | None, now: float) -> dict:
+def register_worker(
+    conn: Connection, org_id: str, req: Any, token_id: str | None, now: float
+) -> dict:
     row = {
         "id": f"worker-{uuid.uuid4().hex[:12]}",
         "org_id": org_id,
@@ -279,14 +316,21 @@ def register_worker(conn: Connection, org_id: str, req: Any, token_id: str | Non
 
 
 def get_worker(conn: Connection, org_id: str, worker_id: str) -> dict:
-    row = conn.execute(select(W).where(W.c.id == worker_id, W.c.org_id == org_id)).mappings().first()
+    row = (
+        conn.execute(select(W).where(W.c.id == worker_id, W.c.org_id == org_id)).mappings().first()
+    )
     if row is None:
         raise NotFound(f"Worker {worker_id!r} not found.", param="worker_id")
     return dict(row)
 
 
 def list_workers(conn: Connection, org_id: str) -> list[dict]:
-    return [dict(r) for r in conn.execute(select(W).where(W.c.org_id == org_id).order_by(W.c.created_at)).mappings()]
+    return [
+        dict(r)
+        for r in conn.execute(
+            select(W).where(W.c.org_id == org_id).order_by(W.c.created_at)
+        ).mappings()
+    ]
 
 
 def shutdown_worker(conn: Connection, org_id: str, worker_id: str, now: float) -> dict:
@@ -309,31 +353,55 @@ class Claim:
     token: str
 
 
-def claim(conn: Connection, worker: dict, now: float, lease_s: float, *, skip_locked: bool) -> Claim | None:
+def claim(
+    conn: Connection, worker: dict, now: float, lease_s: float, *, skip_locked: bool
+) -> Claim | None:
     """Atomically take the oldest pending job of the worker's org that fits it."""
     if worker["status"] != "active":
         raise Conflict(f"Worker {worker['id']!r} is shut down; it takes no more jobs.")
-    base = select(J).where(J.c.org_id == worker["org_id"], J.c.status == "pending")
+    # Scan light columns without locks, then lock only the row we take: locking a whole batch
+    # (FOR UPDATE SKIP LOCKED LIMIT n) would hide every other pending job from concurrent claims.
+    cols = [
+        J.c.pk,
+        J.c.queued_at,
+        J.c.requires_vram_gb,
+        J.c.allowed_hardware,
+        J.c.docker_image,
+        J.c.model,
+    ]
+    base = select(*cols).where(J.c.org_id == worker["org_id"], J.c.status == "pending")
     if not worker["any_hardware"]:
-        base = base.where(or_(J.c.allowed_hardware.isnot(None), J.c.requires_vram_gb <= worker["vram_gb"]))
+        base = base.where(
+            or_(J.c.allowed_hardware.isnot(None), J.c.requires_vram_gb <= worker["vram_gb"])
+        )
     if worker["docker_image"] is not None:
-        base = base.where(or_(J.c.docker_image.is_(None), J.c.docker_image == worker["docker_image"]))
+        base = base.where(
+            or_(J.c.docker_image.is_(None), J.c.docker_image == worker["docker_image"])
+        )
     cached = set(worker["cached_models"] or [])
     chosen = None
     cursor = None
     while chosen is None:
         q = base
         if cursor is not None:
-            q = q.where(or_(J.c.queued_at > cursor[0], and_(J.c.queued_at == cursor[0], J.c.pk > cursor[1])))
-        q = q.order_by(J.c.queued_at, J.c.pk).limit(64)
-        if skip_locked:
-            q = q.with_for_update(skip_locked=True)
-        rows = [dict(r) for r in conn.execute(q).mappings()]
+            q = q.where(
+                or_(J.c.queued_at > cursor[0], and_(J.c.queued_at == cursor[0], J.c.pk > cursor[1]))
+            )
+        rows = [
+            dict(r) for r in conn.execute(q.order_by(J.c.queued_at, J.c.pk).limit(64)).mappings()
+        ]
         if not rows:
             return None
         candidates = [r for r in rows if fits(r, worker)]
-        if candidates:
-            chosen = next((r for r in candidates if r["model"] and r["model"] in cached), candidates[0])
+        cached_first = [r for r in candidates if r["model"] and r["model"] in cached]
+        for cand in cached_first + [r for r in candidates if r not in cached_first]:
+            lock = select(J).where(J.c.pk == cand["pk"], J.c.status == "pending")
+            if skip_locked:
+                lock = lock.with_for_update(skip_locked=True)
+            row = conn.execute(lock).mappings().first()
+            if row is not None:
+                chosen = dict(row)
+                break
         cursor = (rows[-1]["queued_at"], rows[-1]["pk"])
     attempt = chosen["attempts"] + 1
     run = {
@@ -366,9 +434,16 @@ def claim(conn: Connection, worker: dict, now: float, lease_s: float, *, skip_lo
     if done != 1:  # cannot happen under the row lock / single writer; refuse rather than double-run
         raise Conflict("claim raced with another writer")
     chosen.update(job_values)
-    conn.execute(update(W).where(W.c.id == worker["id"]).values(current_run_id=run["id"], last_seen_at=now))
+    conn.execute(
+        update(W).where(W.c.id == worker["id"]).values(current_run_id=run["id"], last_seen_at=now)
+    )
     _, token = orgs.create_token(
-        conn, org_id=worker["org_id"], name=f"run {run['id']}", kind="run", now=now, run_id=run["id"]
+        conn,
+        org_id=worker["org_id"],
+        name=f"run {run['id']}",
+        kind="run",
+        now=now,
+        run_id=run["id"],
     )
     return Claim(run=run, job=chosen, token=token)
 
@@ -377,7 +452,11 @@ def claim(conn: Connection, worker: dict, now: float, lease_s: float, *, skip_lo
 
 
 def get_run(conn: Connection, org_id: str, run_id: int, *, lock: bool = False) -> dict:
-    q = select(R, J.c.id.label("job_id")).join(J, J.c.pk == R.c.job_pk).where(R.c.id == run_id, R.c.org_id == org_id)
+    q = (
+        select(R, J.c.id.label("job_id"))
+        .join(J, J.c.pk == R.c.job_pk)
+        .where(R.c.id == run_id, R.c.org_id == org_id)
+    )
     if lock:
         q = q.with_for_update(of=R)
     row = conn.execute(q).mappings().first()
@@ -393,7 +472,13 @@ def list_runs(conn: Connection, org_id: str, job_id: str) -> list[dict]:
 
 
 def live_run(
-    conn: Connection, org_id: str, run_id: int, now: float, *, worker_id: str | None = None, check_lease: bool = True
+    conn: Connection,
+    org_id: str,
+    run_id: int,
+    now: float,
+    *,
+    worker_id: str | None = None,
+    check_lease: bool = True,
 ) -> tuple[dict, dict]:
     """The run and its job, if this run is still the job's live run; else raise Fenced."""
     run = get_run(conn, org_id, run_id, lock=True)
@@ -402,13 +487,17 @@ def live_run(
     if worker_id is not None and run["worker_id"] != worker_id:
         raise Fenced(f"Run {run_id} belongs to another worker.")
     if run["status"] != "in_progress" or job["current_run_id"] != run_id:
-        raise Fenced(f"Run {run_id} is {run['status']}; it is no longer the live run of job {job['id']!r}. Stop it.")
+        raise Fenced(
+            f"Run {run_id} is {run['status']}; it is no longer the live run of job {job['id']!r}. Stop it."
+        )
     if check_lease and run["lease_expires_at"] is not None and run["lease_expires_at"] < now:
         raise Fenced(f"Run {run_id} lost its lease; its job will be retried. Stop it.")
     return run, job
 
 
-def heartbeat(conn: Connection, org_id: str, run_id: int, now: float, lease_s: float, worker_id: str | None) -> tuple[float, bool]:
+def heartbeat(
+    conn: Connection, org_id: str, run_id: int, now: float, lease_s: float, worker_id: str | None
+) -> tuple[float, bool]:
     run, job = live_run(conn, org_id, run_id, now, worker_id=worker_id)
     lease = now + lease_s
     conn.execute(update(R).where(R.c.id == run_id).values(lease_expires_at=lease))
@@ -417,11 +506,21 @@ def heartbeat(conn: Connection, org_id: str, run_id: int, now: float, lease_s: f
     return lease, job["status"] == "canceled"
 
 
-def append_log(conn: Connection, org_id: str, run_id: int, offset: int, data: bytes, now: float, worker_id: str | None) -> int:
+def append_log(
+    conn: Connection,
+    org_id: str,
+    run_id: int,
+    offset: int,
+    data: bytes,
+    now: float,
+    worker_id: str | None,
+) -> int:
     run, _ = live_run(conn, org_id, run_id, now, worker_id=worker_id)
     size = run["log_size"]
     if offset > size:
-        raise Conflict(f"Log of run {run_id} has {size} bytes; a chunk at offset {offset} would leave a gap.")
+        raise Conflict(
+            f"Log of run {run_id} has {size} bytes; a chunk at offset {offset} would leave a gap."
+        )
     data = data[size - offset :]  # a resent chunk only adds what is new
     if data:
         conn.execute(insert(s.log_chunks).values(run_id=run_id, offset=size, data=data))
@@ -438,7 +537,9 @@ def read_log_chunks(conn: Connection, run_id: int, offset: int) -> list[tuple[in
     )
     # start from the chunk that holds `offset`
     start = conn.execute(
-        select(func.max(s.log_chunks.c.offset)).where(s.log_chunks.c.run_id == run_id, s.log_chunks.c.offset <= offset)
+        select(func.max(s.log_chunks.c.offset)).where(
+            s.log_chunks.c.run_id == run_id, s.log_chunks.c.offset <= offset
+        )
     ).scalar()
     if start is not None:
         q = q.where(s.log_chunks.c.offset >= start)
@@ -476,7 +577,9 @@ def finish_run(
     run.update(run_values)
     if run["worker_id"]:
         conn.execute(
-            update(W).where(W.c.id == run["worker_id"], W.c.current_run_id == run["id"]).values(current_run_id=None)
+            update(W)
+            .where(W.c.id == run["worker_id"], W.c.current_run_id == run["id"])
+            .values(current_run_id=None)
         )
     orgs.revoke_run_tokens(conn, run["id"], now)
     if job["current_run_id"] != run["id"]:
@@ -485,7 +588,9 @@ def finish_run(
     if job["status"] == "canceled":
         pass  # the user canceled it: it stays canceled whatever the run did
     elif status == "completed":
-        values.update(status="completed", outputs=merged_outputs(conn, run["id"]), finished_at=now, error=None)
+        values.update(
+            status="completed", outputs=merged_outputs(conn, run["id"]), finished_at=now, error=None
+        )
     elif status == "failed":
         values.update(status="failed", finished_at=now, error=error or f"exit code {exit_code}")
     elif status == "canceled":
@@ -519,13 +624,22 @@ def expired_runs(conn: Connection, now: float, limit: int = 500) -> list[int]:
 
 def lose_run(conn: Connection, run_id: int, now: float, reason: str) -> dict | None:
     """Mark one in-progress run lost (lease lapsed) and requeue or fail its job."""
-    run = conn.execute(
-        select(R, J.c.id.label("job_id")).join(J, J.c.pk == R.c.job_pk).where(R.c.id == run_id).with_for_update(of=R)
-    ).mappings().first()
+    run = (
+        conn.execute(
+            select(R, J.c.id.label("job_id"))
+            .join(J, J.c.pk == R.c.job_pk)
+            .where(R.c.id == run_id)
+            .with_for_update(of=R)
+        )
+        .mappings()
+        .first()
+    )
     if run is None or run["status"] != "in_progress":
         return None
     run = dict(run)
-    job = dict(conn.execute(select(J).where(J.c.pk == run["job_pk"]).with_for_update()).mappings().one())
+    job = dict(
+        conn.execute(select(J).where(J.c.pk == run["job_pk"]).with_for_update()).mappings().one()
+    )
     finish_run(conn, run, job, status="lost", now=now, error=reason)
     return job
 
@@ -550,7 +664,13 @@ def add_events(conn: Connection, run: dict, events: list[Any], now: float) -> in
 
 
 def list_events(
-    conn: Connection, org_id: str, *, job_id: str | None, run_id: int | None, after: int | None, limit: int
+    conn: Connection,
+    org_id: str,
+    *,
+    job_id: str | None,
+    run_id: int | None,
+    after: int | None,
+    limit: int,
 ) -> tuple[list[dict], bool]:
     q = select(E, J.c.id.label("job_id")).join(J, J.c.pk == E.c.job_pk).where(E.c.org_id == org_id)
     if run_id is not None:

@@ -75,7 +75,8 @@ def create_token(
     return row, secret
 
 
-def authenticate(conn: Connection, secret: str, now: float) -> Principal:
+def authenticate(conn: Connection, secret: str, now: float) -> tuple[Principal, float | None]:
+    """The caller behind a token, and when the token expires."""
     row = (
         conn.execute(select(s.tokens).where(s.tokens.c.token_hash == hash_token(secret)))
         .mappings()
@@ -86,8 +87,11 @@ def authenticate(conn: Connection, secret: str, now: float) -> Principal:
     if row["revoked_at"] is not None:
         raise Unauthorized(f"API key {row['prefix']}… was revoked.")
     if row["expires_at"] is not None and row["expires_at"] <= now:
-        raise Unauthorized(f"API key {row['prefix']}… expired. Create a new one with `ow token create`.")
-    return Principal(org_id=row["org_id"], token_id=row["id"], kind=row["kind"], run_id=row["run_id"])
+        raise Unauthorized(
+            f"API key {row['prefix']}… expired. Create a new one with `ow token create`."
+        )
+    p = Principal(org_id=row["org_id"], token_id=row["id"], kind=row["kind"], run_id=row["run_id"])
+    return p, row["expires_at"]
 
 
 def get_token(conn: Connection, org_id: str, token_id: str) -> dict:
@@ -129,7 +133,9 @@ def revoke_run_tokens(conn: Connection, run_id: int, now: float) -> None:
 # -- secrets ---------------------------------------------------------------------------------
 
 
-def set_secrets(conn: Connection, org_id: str, values: dict[str, str], box: SecretBox, now: float) -> list[dict]:
+def set_secrets(
+    conn: Connection, org_id: str, values: dict[str, str], box: SecretBox, now: float
+) -> list[dict]:
     out = []
     for name, value in values.items():
         enc = box.encrypt(value)
@@ -144,7 +150,9 @@ def set_secrets(conn: Connection, org_id: str, values: dict[str, str], box: Secr
             )
         else:
             conn.execute(
-                insert(s.secrets).values(org_id=org_id, name=name, value_encrypted=enc, updated_at=now)
+                insert(s.secrets).values(
+                    org_id=org_id, name=name, value_encrypted=enc, updated_at=now
+                )
             )
         out.append({"name": name, "updated_at": now})
     return out

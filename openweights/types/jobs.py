@@ -15,13 +15,17 @@ class JobCreateParams(BaseModel):
 
     type: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$", description="Job kind, e.g. `custom`.")
     id_prefix: str = Field(
-        default="job", pattern=r"^[a-z][a-z0-9_]{0,31}$", description="Readable id prefix (`ftjob`)."
+        default="job",
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Readable id prefix (`ftjob`).",
     )
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="`{validated_params: {...}, mounted_files: {path: file_id}}` by convention.",
     )
-    script: str = Field(min_length=1, max_length=100_000, description="Shell command run on the worker.")
+    script: str = Field(
+        min_length=1, max_length=100_000, description="Shell command run on the worker."
+    )
     model: str | None = Field(default=None, description="Model the job loads (for cache affinity).")
     requires_vram_gb: float = Field(default=0, ge=0, le=100_000)
     allowed_hardware: list[str] | None = Field(

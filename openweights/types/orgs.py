@@ -23,7 +23,9 @@ class TokenObject(BaseModel):
     created_at: float
     expires_at: float | None = None
     revoked_at: float | None = None
-    token: str | None = Field(default=None, description="The secret itself: only in create responses.")
+    token: str | None = Field(
+        default=None, description="The secret itself: only in create responses."
+    )
 
 
 class TokenCreateParams(BaseModel):

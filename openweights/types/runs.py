@@ -20,7 +20,9 @@ class RunObject(BaseModel):
     finished_at: float | None = None
     exit_code: int | None = None
     error: str | None = None
-    log_file: str | None = Field(default=None, description="File id of the whole log, once the run ended.")
+    log_file: str | None = Field(
+        default=None, description="File id of the whole log, once the run ended."
+    )
     hardware: str | None = None
 
 
@@ -47,7 +49,9 @@ class Hardware(BaseModel):
     gpu_type: str | None = Field(default=None, description="e.g. `H100`; None on a CPU worker.")
     gpu_count: int = 0
     vram_gb: float = Field(default=0, description="Total VRAM over all GPUs.")
-    hardware_type: str = Field(default="cpu", description='What `allowed_hardware` matches: "1x H100".')
+    hardware_type: str = Field(
+        default="cpu", description='What `allowed_hardware` matches: "1x H100".'
+    )
     cpu_count: int = 1
     memory_gb: float = 0
 

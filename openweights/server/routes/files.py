@@ -62,7 +62,9 @@ async def create_file(
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise Invalid("Multipart upload needs a `file` part.", param="file")
-            purpose = purpose or (form.get("purpose") if isinstance(form.get("purpose"), str) else None)
+            purpose = purpose or (
+                form.get("purpose") if isinstance(form.get("purpose"), str) else None
+            )
             filename = filename or upload.filename
             while chunk := await upload.read(1 << 20):
                 spool.write(chunk)
@@ -73,8 +75,12 @@ async def create_file(
         if not purpose:
             raise Invalid("Give the file's purpose, e.g. ?purpose=conversations.", param="purpose")
         if purpose not in PURPOSES:
-            raise Invalid(f"Unknown purpose {purpose!r}; use one of {', '.join(PURPOSES)}.", param="purpose")
-        filename = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:FILENAME_MAX] or "upload"
+            raise Invalid(
+                f"Unknown purpose {purpose!r}; use one of {', '.join(PURPOSES)}.", param="purpose"
+            )
+        filename = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][
+            :FILENAME_MAX
+        ] or "upload"
         if p.kind == "worker" and purpose not in ("result", "log"):
             raise Invalid("Worker tokens upload only results and logs.", param="purpose")
 
@@ -86,7 +92,9 @@ async def create_file(
             try:
                 validate_jsonl(spool.path, purpose, filename=filename)
             except FileValidationError as e:
-                raise Invalid(str(e), param=f"line {e.line}" + (f": {e.field}" if e.field else "")) from e
+                raise Invalid(
+                    str(e), param=f"line {e.line}" + (f": {e.field}" if e.field else "")
+                ) from e
             state.blobs.put_file(sha, spool.path)
             with state.db.write() as conn:
                 return fstore.add_file(
@@ -106,7 +114,9 @@ async def create_file(
 
 
 @router.post("/files/check", response_model=t.FileCheckResponse)
-async def check_files(body: t.FileCheckRequest, request: Request, p: Principal = Depends(principal)) -> t.FileCheckResponse:
+async def check_files(
+    body: t.FileCheckRequest, request: Request, p: Principal = Depends(principal)
+) -> t.FileCheckResponse:
     """Which of these file ids this org does not have yet (to skip re-uploads)."""
     state = request.app.state.ow
 
@@ -136,7 +146,9 @@ async def list_files(
 
 
 @router.get("/files/{file_id}", response_model=t.FileObject)
-async def retrieve_file(file_id: str, request: Request, p: Principal = Depends(principal)) -> t.FileObject:
+async def retrieve_file(
+    file_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.FileObject:
     state = request.app.state.ow
 
     def work():
@@ -146,7 +158,9 @@ async def retrieve_file(file_id: str, request: Request, p: Principal = Depends(p
     return convert.file(await state.call(work))
 
 
-@router.get("/files/{file_id}/content", responses={200: {"content": {"application/octet-stream": {}}}})
+@router.get(
+    "/files/{file_id}/content", responses={200: {"content": {"application/octet-stream": {}}}}
+)
 async def file_content(file_id: str, request: Request, p: Principal = Depends(principal)):
     """The file's bytes, streamed."""
     require(p, "user", "worker", "run")
@@ -160,6 +174,12 @@ async def file_content(file_id: str, request: Request, p: Principal = Depends(pr
     headers = {"x-openweights-sha256": row["sha256"]}
     local = state.blobs.local_path(row["sha256"])
     if local is not None:
-        return FileResponse(local, media_type="application/octet-stream", filename=row["filename"], headers=headers)
+        return FileResponse(
+            local, media_type="application/octet-stream", filename=row["filename"], headers=headers
+        )
     headers["content-length"] = str(row["bytes"])
-    return StreamingResponse(state.blobs.iter_bytes(row["sha256"]), media_type="application/octet-stream", headers=headers)
+    return StreamingResponse(
+        state.blobs.iter_bytes(row["sha256"]),
+        media_type="application/octet-stream",
+        headers=headers,
+    )

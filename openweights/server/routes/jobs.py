@@ -25,7 +25,9 @@ def _with_reason(state, conn, row: dict) -> t.JobObject:
 
 
 @router.post("/jobs", response_model=t.JobObject)
-async def create_job(body: t.JobCreateParams, request: Request, p: Principal = Depends(principal)) -> t.JobObject:
+async def create_job(
+    body: t.JobCreateParams, request: Request, p: Principal = Depends(principal)
+) -> t.JobObject:
     """Submit a job. The same type + params + script gives the same id: a pending, running or
     completed job is returned as it is; a failed or canceled one goes back to pending."""
     require(p, "user", "run")
@@ -34,17 +36,28 @@ async def create_job(body: t.JobCreateParams, request: Request, p: Principal = D
     def work():
         with state.db.write() as conn:
             row, queued = q.create_job(
-                conn, p.org_id, body, state.db.now(conn), state.settings.max_attempts, lock=not state.db.is_sqlite
+                conn,
+                p.org_id,
+                body,
+                state.db.now(conn),
+                state.settings.max_attempts,
+                lock=not state.db.is_sqlite,
             )
             if queued:
                 state.publish(conn, queue_key(p.org_id), job_key(p.org_id, row["id"]))
-        with state.db.read() as conn:
-            return _with_reason(state, conn, row), queued
+            return row, queued
 
-    job, queued = await state.call(work)
-    if queued:
-        state.notifier.notify(queue_key(p.org_id), job_key(p.org_id, job.id))
-    return job
+    row, queued = await state.call(work)
+    if queued:  # wake parked workers before anything else
+        state.notifier.notify(queue_key(p.org_id), job_key(p.org_id, row["id"]))
+    if row["status"] != "pending":
+        return convert.job(row)
+
+    def reason():
+        with state.db.read() as conn:
+            return _with_reason(state, conn, row)
+
+    return await state.call(reason)
 
 
 @router.get("/jobs", response_model=t.Page[t.JobObject])
@@ -68,14 +81,21 @@ async def list_jobs(
 
 
 @router.post("/jobs/find", response_model=t.Page[t.JobObject])
-async def find_jobs(body: t.JobFindParams, request: Request, p: Principal = Depends(principal)) -> t.Page[t.JobObject]:
+async def find_jobs(
+    body: t.JobFindParams, request: Request, p: Principal = Depends(principal)
+) -> t.Page[t.JobObject]:
     """Jobs whose `params.validated_params` contain the given values."""
     state = request.app.state.ow
 
     def work():
         with state.db.read() as conn:
             return q.find_jobs(
-                conn, p.org_id, params=body.params, type=body.type, status=body.status, limit=body.limit,
+                conn,
+                p.org_id,
+                params=body.params,
+                type=body.type,
+                status=body.status,
+                limit=body.limit,
                 dialect=state.db.dialect,
             )
 
@@ -83,7 +103,9 @@ async def find_jobs(body: t.JobFindParams, request: Request, p: Principal = Depe
 
 
 @router.get("/jobs/{job_id}", response_model=t.JobObject)
-async def retrieve_job(job_id: str, request: Request, p: Principal = Depends(principal)) -> t.JobObject:
+async def retrieve_job(
+    job_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.JobObject:
     state = request.app.state.ow
 
     def work():
@@ -116,7 +138,9 @@ async def wait_job(
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=t.JobObject)
-async def cancel_job(job_id: str, request: Request, p: Principal = Depends(principal)) -> t.JobObject:
+async def cancel_job(
+    job_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.JobObject:
     """Cancel a pending or running job; a running one's worker stops it within seconds."""
     require(p, "user")
     state = request.app.state.ow
@@ -124,7 +148,9 @@ async def cancel_job(job_id: str, request: Request, p: Principal = Depends(princ
     def work():
         with state.db.write() as conn:
             row = q.cancel_job(conn, p.org_id, job_id, state.db.now(conn))
-            keys = [job_key(p.org_id, job_id)] + ([run_key(row["current_run_id"])] if row["current_run_id"] else [])
+            keys = [job_key(p.org_id, job_id)] + (
+                [run_key(row["current_run_id"])] if row["current_run_id"] else []
+            )
             state.publish(conn, *keys)
             return row, keys
 
@@ -134,7 +160,9 @@ async def cancel_job(job_id: str, request: Request, p: Principal = Depends(princ
 
 
 @router.post("/jobs/{job_id}/restart", response_model=t.JobObject)
-async def restart_job(job_id: str, request: Request, p: Principal = Depends(principal)) -> t.JobObject:
+async def restart_job(
+    job_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.JobObject:
     """Put a finished job back in the queue with fresh attempts."""
     require(p, "user")
     state = request.app.state.ow
@@ -151,7 +179,9 @@ async def restart_job(job_id: str, request: Request, p: Principal = Depends(prin
 
 
 @router.get("/jobs/{job_id}/runs", response_model=t.Page[t.RunObject])
-async def list_runs(job_id: str, request: Request, p: Principal = Depends(principal)) -> t.Page[t.RunObject]:
+async def list_runs(
+    job_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.Page[t.RunObject]:
     """The job's runs (attempts), oldest first: `runs[-1]` is the latest."""
     state = request.app.state.ow
 

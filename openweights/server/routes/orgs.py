@@ -26,7 +26,9 @@ async def signup(body: t.SignupRequest, request: Request) -> t.SignupResponse:
         with state.db.write() as conn:
             now = state.db.now(conn)
             org = orgs.create_org(conn, body.org_name, now)
-            row, secret = orgs.create_token(conn, org_id=org["id"], name="admin", kind="user", now=now)
+            row, secret = orgs.create_token(
+                conn, org_id=org["id"], name="admin", kind="user", now=now
+            )
             return org, row, secret
 
     org, row, secret = await state.call(work)
@@ -40,8 +42,9 @@ async def me(request: Request, p: Principal = Depends(principal)) -> t.MeRespons
     def work():
         with state.db.read() as conn:
             org = orgs.get_org(conn, p.org_id)
-            from openweights.store import schema as s
             from sqlalchemy import select
+
+            from openweights.store import schema as s
 
             tok = conn.execute(select(s.tokens).where(s.tokens.c.id == p.token_id)).mappings().one()
             return org, dict(tok)
@@ -51,7 +54,9 @@ async def me(request: Request, p: Principal = Depends(principal)) -> t.MeRespons
 
 
 @router.post("/tokens", response_model=t.TokenObject, tags=["tokens"])
-async def create_token(body: t.TokenCreateParams, request: Request, p: Principal = Depends(principal)) -> t.TokenObject:
+async def create_token(
+    body: t.TokenCreateParams, request: Request, p: Principal = Depends(principal)
+) -> t.TokenObject:
     require(p, "user")
     state = request.app.state.ow
 
@@ -59,7 +64,9 @@ async def create_token(body: t.TokenCreateParams, request: Request, p: Principal
         with state.db.write() as conn:
             now = state.db.now(conn)
             expires = now + body.expires_in_days * 86400 if body.expires_in_days else None
-            return orgs.create_token(conn, org_id=p.org_id, name=body.name, kind=body.kind, now=now, expires_at=expires)
+            return orgs.create_token(
+                conn, org_id=p.org_id, name=body.name, kind=body.kind, now=now, expires_at=expires
+            )
 
     row, secret = await state.call(work)
     return convert.token(row, secret)
@@ -78,19 +85,25 @@ async def list_tokens(request: Request, p: Principal = Depends(principal)) -> t.
 
 
 @router.delete("/tokens/{token_id}", response_model=t.TokenObject, tags=["tokens"])
-async def revoke_token(token_id: str, request: Request, p: Principal = Depends(principal)) -> t.TokenObject:
+async def revoke_token(
+    token_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.TokenObject:
     require(p, "user")
     state = request.app.state.ow
 
     def work():
         with state.db.write() as conn:
-            return orgs.revoke_token(conn, p.org_id, token_id, state.db.now(conn))
+            row = orgs.revoke_token(conn, p.org_id, token_id, state.db.now(conn))
+            state.revoked(conn, f"auth:token:{token_id}")
+            return row
 
     return convert.token(await state.call(work))
 
 
 @router.get("/secrets", response_model=t.Page[t.SecretObject], tags=["secrets"])
-async def list_secrets(request: Request, p: Principal = Depends(principal)) -> t.Page[t.SecretObject]:
+async def list_secrets(
+    request: Request, p: Principal = Depends(principal)
+) -> t.Page[t.SecretObject]:
     require(p, "user")
     state = request.app.state.ow
 
@@ -125,18 +138,24 @@ async def _set(request: Request, p: Principal, values: dict[str, str]) -> list[d
 
 
 @router.put("/secrets/{name}", response_model=t.SecretObject, tags=["secrets"])
-async def set_secret(name: str, body: t.SecretSet, request: Request, p: Principal = Depends(principal)) -> t.SecretObject:
+async def set_secret(
+    name: str, body: t.SecretSet, request: Request, p: Principal = Depends(principal)
+) -> t.SecretObject:
     return t.SecretObject(**(await _set(request, p, {name: body.value}))[0])
 
 
 @router.post("/secrets", response_model=t.Page[t.SecretObject], tags=["secrets"])
-async def import_secrets(body: t.SecretsImport, request: Request, p: Principal = Depends(principal)) -> t.Page[t.SecretObject]:
+async def import_secrets(
+    body: t.SecretsImport, request: Request, p: Principal = Depends(principal)
+) -> t.Page[t.SecretObject]:
     rows = await _set(request, p, body.secrets)
     return t.Page[t.SecretObject](data=[t.SecretObject(**r) for r in rows])
 
 
 @router.delete("/secrets/{name}", response_model=t.SecretObject, tags=["secrets"])
-async def delete_secret(name: str, request: Request, p: Principal = Depends(principal)) -> t.SecretObject:
+async def delete_secret(
+    name: str, request: Request, p: Principal = Depends(principal)
+) -> t.SecretObject:
     require(p, "user")
     state = request.app.state.ow
 

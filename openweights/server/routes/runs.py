@@ -18,7 +18,7 @@ from openweights.store import files as fstore
 from openweights.store import jobs as q
 from openweights.store import orgs
 from openweights.store import schema as s
-from openweights.store.errors import Forbidden, Invalid
+from openweights.store.errors import Fenced, Forbidden, Invalid
 from openweights.store.orgs import Principal
 
 router = APIRouter(prefix="/v1")
@@ -44,7 +44,9 @@ def _check_run_caller(conn, p: Principal, run: dict) -> None:
 
 
 @router.post("/workers", response_model=t.WorkerObject, tags=["workers"])
-async def register_worker(body: t.WorkerRegister, request: Request, p: Principal = Depends(principal)) -> t.WorkerObject:
+async def register_worker(
+    body: t.WorkerRegister, request: Request, p: Principal = Depends(principal)
+) -> t.WorkerObject:
     require(p, "user", "worker")
     state = request.app.state.ow
 
@@ -58,7 +60,9 @@ async def register_worker(body: t.WorkerRegister, request: Request, p: Principal
 
 
 @router.get("/workers", response_model=t.Page[t.WorkerObject], tags=["workers"])
-async def list_workers(request: Request, p: Principal = Depends(principal)) -> t.Page[t.WorkerObject]:
+async def list_workers(
+    request: Request, p: Principal = Depends(principal)
+) -> t.Page[t.WorkerObject]:
     require(p, "user", "worker")
     state = request.app.state.ow
 
@@ -67,11 +71,15 @@ async def list_workers(request: Request, p: Principal = Depends(principal)) -> t
             return q.list_workers(conn, p.org_id), state.db.now(conn)
 
     rows, now = await state.call(work)
-    return t.Page[t.WorkerObject](data=[convert.worker(r, now, state.settings.worker_offline_s) for r in rows])
+    return t.Page[t.WorkerObject](
+        data=[convert.worker(r, now, state.settings.worker_offline_s) for r in rows]
+    )
 
 
 @router.post("/workers/{worker_id}/shutdown", response_model=t.WorkerObject, tags=["workers"])
-async def shutdown_worker(worker_id: str, request: Request, p: Principal = Depends(principal)) -> t.WorkerObject:
+async def shutdown_worker(
+    worker_id: str, request: Request, p: Principal = Depends(principal)
+) -> t.WorkerObject:
     require(p, "user", "worker")
     state = request.app.state.ow
 
@@ -92,7 +100,9 @@ async def shutdown_worker(worker_id: str, request: Request, p: Principal = Depen
     responses={204: {"description": "No job came within wait_s."}},
     tags=["workers"],
 )
-async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Principal = Depends(principal)):
+async def claim(
+    worker_id: str, body: t.ClaimRequest, request: Request, p: Principal = Depends(principal)
+):
     """Long-poll for the oldest pending job that fits this worker; 204 when none came in time."""
     require(p, "user", "worker")
     state = request.app.state.ow
@@ -112,7 +122,11 @@ async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Princ
             state.publish(conn, job_key(p.org_id, c.job["id"]))
             c.run["job_id"] = c.job["id"]
             return t.ClaimResponse(
-                run=convert.run(c.run), job=convert.job(c.job), token=c.token, env=env, lease_s=lease_s
+                run=convert.run(c.run),
+                job=convert.job(c.job),
+                token=c.token,
+                env=env,
+                lease_s=lease_s,
             )
 
     while True:
@@ -133,7 +147,9 @@ async def claim(worker_id: str, body: t.ClaimRequest, request: Request, p: Princ
 
 
 @router.get("/runs/{run_id}", response_model=t.RunObject, tags=["runs"])
-async def retrieve_run(run_id: int, request: Request, p: Principal = Depends(principal)) -> t.RunObject:
+async def retrieve_run(
+    run_id: int, request: Request, p: Principal = Depends(principal)
+) -> t.RunObject:
     state = request.app.state.ow
 
     def work():
@@ -144,7 +160,9 @@ async def retrieve_run(run_id: int, request: Request, p: Principal = Depends(pri
 
 
 @router.post("/runs/{run_id}/heartbeat", response_model=t.HeartbeatResponse, tags=["runs"])
-async def heartbeat(run_id: int, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)) -> t.HeartbeatResponse:
+async def heartbeat(
+    run_id: int, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)
+) -> t.HeartbeatResponse:
     """Renew the lease now; then wait up to `wait_s` and answer early when the job is canceled."""
     require(p, "user", "worker")
     state = request.app.state.ow
@@ -155,7 +173,9 @@ async def heartbeat(run_id: int, body: t.HeartbeatRequest, request: Request, p: 
         with state.db.write() as conn:
             run = q.get_run(conn, p.org_id, run_id)
             _check_run_caller(conn, p, run)
-            return q.heartbeat(conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None)
+            return q.heartbeat(
+                conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None
+            )
 
     lease, cancel = await state.call(renew)
     if cancel or body.wait_s <= 0:
@@ -165,13 +185,13 @@ async def heartbeat(run_id: int, body: t.HeartbeatRequest, request: Request, p: 
     def check():
         with state.db.read() as conn:
             run = q.get_run(conn, p.org_id, run_id)
-            job = conn.execute(select(s.jobs.c.status).where(s.jobs.c.pk == run["job_pk"])).scalar_one()
+            job = conn.execute(
+                select(s.jobs.c.status).where(s.jobs.c.pk == run["job_pk"])
+            ).scalar_one()
             return job == "canceled", run["status"]
 
     cancel, status = await state.call(check)
     if status != "in_progress":
-        from openweights.store.errors import Fenced
-
         raise Fenced(f"Run {run_id} is {status}; stop it.")
     return t.HeartbeatResponse(cancel=cancel, lease_expires_at=lease)
 
@@ -193,15 +213,21 @@ async def append_log(
         with state.db.write() as conn:
             run = q.get_run(conn, p.org_id, run_id)
             _check_run_caller(conn, p, run)
-            return q.append_log(conn, p.org_id, run_id, offset, bytes(data), state.db.now(conn), None)
+            return q.append_log(
+                conn, p.org_id, run_id, offset, bytes(data), state.db.now(conn), None
+            )
 
     size = await state.call(work)
     state.notifier.notify(f"log:{run_id}")
     return {"size": size}
 
 
-@router.get("/runs/{run_id}/log", response_class=StreamingResponse, tags=["runs"],
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/runs/{run_id}/log",
+    response_class=StreamingResponse,
+    tags=["runs"],
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def read_log(
     run_id: int,
     request: Request,
@@ -252,7 +278,9 @@ async def read_log(
 
 
 @router.post("/runs/{run_id}/events", tags=["runs"])
-async def add_events(run_id: int, body: t.EventsCreate, request: Request, p: Principal = Depends(principal)) -> dict:
+async def add_events(
+    run_id: int, body: t.EventsCreate, request: Request, p: Principal = Depends(principal)
+) -> dict:
     """Append events to a live run (`ow.run.log`, metrics, uploads)."""
     state = request.app.state.ow
 
@@ -283,14 +311,18 @@ async def list_events(
 
     def work():
         with state.db.read() as conn:
-            return q.list_events(conn, p.org_id, job_id=job_id, run_id=run_id, after=after, limit=limit)
+            return q.list_events(
+                conn, p.org_id, job_id=job_id, run_id=run_id, after=after, limit=limit
+            )
 
     rows, more = await state.call(work)
     return t.Page[t.EventObject](data=[convert.event(r) for r in rows], has_more=more)
 
 
 @router.post("/runs/{run_id}/complete", response_model=t.RunObject, tags=["runs"])
-async def complete_run(run_id: int, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)) -> t.RunObject:
+async def complete_run(
+    run_id: int, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)
+) -> t.RunObject:
     """The worker's final word on a run. A resend of the same status is answered the same."""
     require(p, "user", "worker")
     state = request.app.state.ow
@@ -302,52 +334,71 @@ async def complete_run(run_id: int, body: t.RunCompleteRequest, request: Request
             if run["status"] != "in_progress":
                 if run["status"] == body.status:
                     return run, None
-                from openweights.store.errors import Fenced
-
                 raise Fenced(f"Run {run_id} is already {run['status']}.")
-            log_size = run["log_size"]
-        log_file = _persist_log(state, p.org_id, run_id, log_size)
+            sha, size = _store_log(state, conn, run_id)
         with state.db.write() as conn:
             now = state.db.now(conn)
             # Still the live run (no other attempt exists) even if its lease just lapsed and the
             # sweeper has not seen it yet: accepting it cannot give the job a second completion.
             run, job = q.live_run(conn, p.org_id, run_id, now, check_lease=False)
+            log = fstore.add_file(
+                conn,
+                org_id=p.org_id,
+                purpose="log",
+                filename=f"run-{run_id}.log",
+                size=size,
+                sha256=sha,
+                now=now,
+            )
             q.finish_run(
-                conn, run, job, status=body.status, now=now, exit_code=body.exit_code, error=body.error,
-                log_file=log_file,
+                conn,
+                run,
+                job,
+                status=body.status,
+                now=now,
+                exit_code=body.exit_code,
+                error=body.error,
+                log_file=log["id"],
             )
             q.delete_log_chunks(conn, run_id)
+            state.revoked(conn, f"auth:run:{run_id}")
             state.publish(conn, job_key(p.org_id, job["id"]), run_key(run_id), queue_key(p.org_id))
             return run, job
 
     run, job = await state.call(work)
     if job is not None:
-        state.notifier.notify(job_key(p.org_id, job["id"]), run_key(run_id), f"log:{run_id}", queue_key(p.org_id))
+        state.notifier.notify(
+            job_key(p.org_id, job["id"]), run_key(run_id), f"log:{run_id}", queue_key(p.org_id)
+        )
     return convert.run(run)
 
 
-def _persist_log(state, org_id: str, run_id: int, size: int) -> str | None:
-    """Turn the run's log chunks into one stored file (purpose `log`)."""
+def _store_log(state, conn, run_id: int) -> tuple[str, int]:
+    """Write the run's log chunks as one blob; return (sha256, size). Runs before the final
+    write transaction so that transaction stays short."""
     import tempfile
     from pathlib import Path
 
+    h = hashlib.sha256()
+    chunks = q.read_log_chunks(conn, run_id, 0)
+    if not chunks:
+        sha = h.hexdigest()
+        if not state.blobs.exists(sha):
+            empty = Path(tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")[1])
+            state.blobs.put_file(sha, empty)
+            empty.unlink(missing_ok=True)
+        return sha, 0
     fd, name = tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")
     path = Path(name)
-    h = hashlib.sha256()
     n = 0
     try:
-        with open(fd, "wb") as f, state.db.read() as conn:
-            for _off, data in q.read_log_chunks(conn, run_id, 0):
+        with open(fd, "wb") as f:
+            for _off, data in chunks:
                 f.write(data)
                 h.update(data)
                 n += len(data)
         sha = h.hexdigest()
         state.blobs.put_file(sha, path)
-        with state.db.write() as conn:
-            row = fstore.add_file(
-                conn, org_id=org_id, purpose="log", filename=f"run-{run_id}.log", size=n, sha256=sha,
-                now=state.db.now(conn),
-            )
-        return row["id"]
+        return sha, n
     finally:
         path.unlink(missing_ok=True)

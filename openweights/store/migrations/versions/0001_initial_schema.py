@@ -5,10 +5,10 @@ Revises:
 Create Date: 2026-11-25 12:14:36.128578
 """
 
-from alembic import op
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from alembic import op
 from sqlalchemy import Text
+from sqlalchemy.dialects import postgresql
 
 revision = "0001"
 down_revision = None
@@ -57,7 +57,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column(
             "params",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=False,
         ),
         sa.Column("script", sa.Text(), nullable=False),
@@ -65,13 +67,17 @@ def upgrade() -> None:
         sa.Column("requires_vram_gb", sa.Float(), nullable=False),
         sa.Column(
             "allowed_hardware",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=True,
         ),
         sa.Column("docker_image", sa.String(length=500), nullable=True),
         sa.Column(
             "outputs",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=True,
         ),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -137,7 +143,9 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column(
             "hardware",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=False,
         ),
         sa.Column("hardware_type", sa.String(length=64), nullable=False),
@@ -146,7 +154,9 @@ def upgrade() -> None:
         sa.Column("any_hardware", sa.Boolean(), nullable=False),
         sa.Column(
             "cached_models",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=False,
         ),
         sa.Column("provider", sa.String(length=64), nullable=False),
@@ -213,7 +223,9 @@ def upgrade() -> None:
         sa.Column("job_pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column(
             "data",
-            sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"),
+            sa.JSON(none_as_null=True).with_variant(
+                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
+            ),
             nullable=False,
         ),
         sa.Column("file", sa.String(length=128), nullable=True),
