@@ -36,7 +36,7 @@ def add_file(
         "sha256": sha256,
         "created_at": now,
     }
-    conn.execute(insert(s.files).values(**row))
+    conn.execute(insert(s.files), row)
     return row
 
 

@@ -87,7 +87,7 @@ def create_job(
             "finished_at": None,
             **requirements,
         }
-        pk = conn.execute(insert(J).values(**row).returning(J.c.pk)).scalar_one()
+        pk = conn.execute(insert(J).returning(J.c.pk), row).scalar_one()
         row["pk"] = pk
         return row, True
     if existing["status"] in ("failed", "canceled"):
@@ -311,7 +311,7 @@ def register_worker(
         "last_seen_at": now,
         "created_at": now,
     }
-    conn.execute(insert(W).values(**row))
+    conn.execute(insert(W), row)
     return row
 
 
@@ -381,6 +381,7 @@ def claim(
     cached = set(worker["cached_models"] or [])
     chosen = None
     cursor = None
+    batch = 8  # the first few usually fit; widen only when they do not
     while chosen is None:
         q = base
         if cursor is not None:
@@ -388,7 +389,7 @@ def claim(
                 or_(J.c.queued_at > cursor[0], and_(J.c.queued_at == cursor[0], J.c.pk > cursor[1]))
             )
         rows = [
-            dict(r) for r in conn.execute(q.order_by(J.c.queued_at, J.c.pk).limit(64)).mappings()
+            dict(r) for r in conn.execute(q.order_by(J.c.queued_at, J.c.pk).limit(batch)).mappings()
         ]
         if not rows:
             return None
@@ -403,6 +404,7 @@ def claim(
                 chosen = dict(row)
                 break
         cursor = (rows[-1]["queued_at"], rows[-1]["pk"])
+        batch = 64
     attempt = chosen["attempts"] + 1
     run = {
         "org_id": worker["org_id"],
@@ -419,7 +421,7 @@ def claim(
         "log_file": None,
         "hardware": worker["hardware_type"],
     }
-    run["id"] = conn.execute(insert(R).values(**run).returning(R.c.id)).scalar_one()
+    run["id"] = conn.execute(insert(R).returning(R.c.id), run).scalar_one()
     job_values = {
         "status": "in_progress",
         "attempts": attempt,

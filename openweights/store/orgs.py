@@ -36,7 +36,7 @@ def new_id(prefix: str) -> str:
 
 def create_org(conn: Connection, name: str, now: float) -> dict:
     org = {"id": new_id("org"), "name": name, "created_at": now}
-    conn.execute(insert(s.orgs).values(**org))
+    conn.execute(insert(s.orgs), org)
     return org
 
 
@@ -71,7 +71,7 @@ def create_token(
         "expires_at": expires_at,
         "revoked_at": None,
     }
-    conn.execute(insert(s.tokens).values(**row))
+    conn.execute(insert(s.tokens), row)
     return row, secret
 
 
