@@ -366,3 +366,21 @@ def test_find_matches_validated_params(api):
         "data"
     ]
     assert [j["params"]["validated_params"]["model"] for j in found] == ["m1"]
+
+
+def test_mass_assignment_and_oversized_bodies_are_refused(api):
+    r = api.post("/v1/jobs", json=job_body(org_id="org-other", status="completed", outputs={"x": 1}))
+    assert r.status_code == 422 and "org_id" in r.json()["error"]["message"]
+    r = api.post("/v1/tokens", json={"name": "t", "org_id": "org-other"})
+    assert r.status_code == 422
+    huge = {"type": "custom", "params": {"blob": "x" * (17 << 20)}, "script": "true"}
+    r = api.post("/v1/jobs", json=huge)
+    assert r.status_code == 413 and "POST /v1/files" in r.json()["error"]["message"]
+
+    def chunked():
+        for _ in range(20):
+            yield b"x" * (1 << 20)
+
+    r = api.post("/v1/jobs", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert api.get("/health").status_code == 200

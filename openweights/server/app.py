@@ -105,6 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ow = state
+    from openweights.server.limits import BodyLimitMiddleware
+
+    app.add_middleware(BodyLimitMiddleware)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next):
