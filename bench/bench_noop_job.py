@@ -44,16 +44,34 @@ def main() -> None:
         wtoken = ow.tokens.create(name="bench worker", kind="worker").token
         wlog = open(srv.home / "worker.log", "ab")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "openweights.worker", "--url", srv.url, "--token", wtoken, "--name", "bench"],
-            env=base_env(srv.home / "worker-home"), stdout=wlog, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "openweights.worker",
+                "--url",
+                srv.url,
+                "--token",
+                wtoken,
+                "--name",
+                "bench",
+            ],
+            env=base_env(srv.home / "worker-home"),
+            stdout=wlog,
+            stderr=subprocess.STDOUT,
         )
         try:
-            for label, script in (("true", "true"), ("python -c pass", f"{sys.executable} -c pass")):
+            for label, script in (
+                ("true", "true"),
+                ("python -c pass", f"{sys.executable} -c pass"),
+            ):
                 times = []
                 for i in range(args.n + 3):
                     t0 = time.perf_counter()
                     job = ow.jobs.create(
-                        type="custom", id_prefix="noop", params={"i": i, "label": label}, script=script
+                        type="custom",
+                        id_prefix="noop",
+                        params={"i": i, "label": label},
+                        script=script,
                     )
                     job.wait(timeout=60)
                     dt = time.perf_counter() - t0
@@ -67,11 +85,15 @@ def main() -> None:
             worker.wait(30)
             srv.stop()
     floor_p50 = results["python -c pass"]["floor"]["p50_ms"]
-    print(f"| job command | create → completed p50 ms | p99 ms | − `python -c pass` p50 ({floor_p50:.0f} ms) |")
+    print(
+        f"| job command | create → completed p50 ms | p99 ms | − `python -c pass` p50 ({floor_p50:.0f} ms) |"
+    )
     print("|---|---:|---:|---:|")
     for label in ("true", "python -c pass"):
         r = results[label]
-        print(f"| `{label}` | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['p50_ms'] - floor_p50:+.0f} ms |")
+        print(
+            f"| `{label}` | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['p50_ms'] - floor_p50:+.0f} ms |"
+        )
     out = Path(__file__).parent / "results" / f"noop_{args.backend}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -328,7 +328,8 @@ def test_secrets_are_write_only_and_encrypted_at_rest(server, api):
     names = [s["name"] for s in api.get("/v1/secrets").json()["data"]]
     assert names == ["HF_TOKEN", "WANDB_API_KEY"]
     assert value not in api.get("/v1/secrets").text
-    assert api.put("/v1/secrets/bad-name", json={"value": "x"}).status_code == 400
+    bad = api.put("/v1/secrets/bad-name", json={"value": "x"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "name"
     if server.backend == "sqlite":
         raw = b"".join(p.read_bytes() for p in server.home.glob("openweights.db*"))
         assert value.encode() not in raw
@@ -369,7 +370,9 @@ def test_find_matches_validated_params(api):
 
 
 def test_mass_assignment_and_oversized_bodies_are_refused(api):
-    r = api.post("/v1/jobs", json=job_body(org_id="org-other", status="completed", outputs={"x": 1}))
+    r = api.post(
+        "/v1/jobs", json=job_body(org_id="org-other", status="completed", outputs={"x": 1})
+    )
     assert r.status_code == 422 and "org_id" in r.json()["error"]["message"]
     r = api.post("/v1/tokens", json={"name": "t", "org_id": "org-other"})
     assert r.status_code == 422

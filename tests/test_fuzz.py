@@ -23,8 +23,13 @@ def test_schemathesis_finds_no_server_errors(server_factory):
             f"{srv.url}/openapi.json",
             "-H",
             f"Authorization: Bearer {key}",
+            # every check but positive_data_acceptance: POST /v1/files takes `purpose` from the
+            # query or a multipart form, and /v1/events needs job_id or run_id, which OpenAPI
+            # cannot express as "one of"
             "--checks",
-            "not_a_server_error",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
             "--max-examples",
             "10",
             "--phases",

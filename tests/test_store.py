@@ -17,7 +17,11 @@ from openweights.store.schema import metadata
 def db(request, tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     if request.param == "postgres":
-        url = request.getfixturevalue("pg").create_database().replace("postgresql://", "postgresql+psycopg://")
+        url = (
+            request.getfixturevalue("pg")
+            .create_database()
+            .replace("postgresql://", "postgresql+psycopg://")
+        )
     d = Database(url)
     d.migrate()
     yield d
@@ -29,7 +33,9 @@ def test_migrations_build_exactly_the_declared_schema(db):
     from alembic.migration import MigrationContext
 
     with db.write_engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), metadata
+        )
     assert diff == []
     db.migrate()  # a second start is a no-op
 
@@ -38,7 +44,9 @@ def _org_worker_job(db, now):
     with db.write() as conn:
         org = orgs.create_org(conn, "o", now)
         w = q.register_worker(conn, org["id"], t.WorkerRegister(any_hardware=True), None, now)
-        q.create_job(conn, org["id"], t.JobCreateParams(type="custom", script="true"), now, 3, lock=False)
+        q.create_job(
+            conn, org["id"], t.JobCreateParams(type="custom", script="true"), now, 3, lock=False
+        )
     return org, w
 
 
@@ -46,7 +54,9 @@ def test_lease_boundary_uses_lease_expiry_exactly(db):
     t0, lease = 1_000_000.0, 30.0
     org, w = _org_worker_job(db, t0)
     with db.write() as conn:
-        claim = q.claim(conn, q.get_worker(conn, org["id"], w["id"]), t0, lease, skip_locked=not db.is_sqlite)
+        claim = q.claim(
+            conn, q.get_worker(conn, org["id"], w["id"]), t0, lease, skip_locked=not db.is_sqlite
+        )
     run_id = claim.run["id"]
     with db.read() as conn:
         assert q.expired_runs(conn, t0 + lease - 0.001) == []
@@ -62,7 +72,9 @@ def test_lease_boundary_uses_lease_expiry_exactly(db):
     assert job["status"] == "pending" and job["attempts"] == 1
     # a restarted server gives live runs one lease before it may declare them lost
     with db.write() as conn:
-        claim = q.claim(conn, q.get_worker(conn, org["id"], w["id"]), t0, lease, skip_locked=not db.is_sqlite)
+        claim = q.claim(
+            conn, q.get_worker(conn, org["id"], w["id"]), t0, lease, skip_locked=not db.is_sqlite
+        )
         assert q.grace_live_leases(conn, t0 + 10 * lease, lease) == 1
     with db.read() as conn:
         assert q.expired_runs(conn, t0 + 10 * lease + lease - 0.001) == []

@@ -136,10 +136,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(422, "invalid_request", "Invalid request: " + "; ".join(parts), param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException):
-        return _error(
-            exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None)
-        )
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = {k.lower(): v for k, v in (getattr(exc, "headers", None) or {}).items()}
+        if exc.status_code == 405:  # FastAPI has a route per method: list them all in Allow
+            from starlette.routing import Match
+
+            methods: set[str] = set()
+            for route in request.app.router.routes:
+                if route.matches(request.scope)[0] != Match.NONE and getattr(
+                    route, "methods", None
+                ):
+                    methods |= route.methods
+            headers["allow"] = ", ".join(sorted(methods))
+        return _error(exc.status_code, "http_error", str(exc.detail), headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unhandled(_request: Request, exc: Exception):
@@ -154,6 +163,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (orgs, files, jobs, runs):
         app.include_router(module.router)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An openweights API key (`ow_…`).",
+                }
+            }
+            public = {"/health", "/v1/signup"}
+            for path, ops in schema["paths"].items():
+                for op in ops.values():
+                    if path not in public:
+                        op["security"] = [{"bearer": []}]
+                    else:
+                        op["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

@@ -35,6 +35,8 @@ class FileObject(BaseModel):
 
 
 class FileCheckRequest(BaseModel):
+    model_config = {"strict": True}
+
     ids: list[str] = Field(max_length=10_000)
 
 

@@ -11,7 +11,7 @@ TERMINAL_STATUSES: tuple[str, ...] = ("completed", "failed", "canceled")
 class JobCreateParams(BaseModel):
     """What a client submits. The server derives the id from `type`, `params` and `script`."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     type: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$", description="Job kind, e.g. `custom`.")
     id_prefix: str = Field(
@@ -63,6 +63,8 @@ class JobObject(BaseModel):
 
 class JobFindParams(BaseModel):
     """`ow.jobs.find(**params)`: jobs whose `params.validated_params` contain these values."""
+
+    model_config = {"strict": True}
 
     params: dict[str, Any] = Field(default_factory=dict)
     type: str | None = None

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 TokenKind = Literal["user", "worker", "run"]
+#: Org secrets become environment variables of jobs.
+SECRET_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,199}$"
+SecretName = Annotated[str, StringConstraints(pattern=SECRET_NAME_PATTERN)]
 
 
 class OrgObject(BaseModel):
@@ -29,7 +32,7 @@ class TokenObject(BaseModel):
 
 
 class TokenCreateParams(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     name: str = Field(default="api key", min_length=1, max_length=200)
     kind: Literal["user", "worker"] = "user"
@@ -37,7 +40,7 @@ class TokenCreateParams(BaseModel):
 
 
 class SignupRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     org_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
     email: str | None = Field(default=None, max_length=320)
@@ -60,12 +63,12 @@ class SecretObject(BaseModel):
 
 
 class SecretSet(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     value: str = Field(max_length=65_536)
 
 
 class SecretsImport(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
-    secrets: dict[str, str] = Field(max_length=1000)
+    secrets: dict[SecretName, str] = Field(max_length=1000)

@@ -32,6 +32,8 @@ class EventCreate(BaseModel):
 
 
 class EventsCreate(BaseModel):
+    model_config = {"strict": True}
+
     events: list[EventCreate] = Field(min_length=1, max_length=10_000)
 
 
@@ -46,6 +48,8 @@ class EventObject(BaseModel):
 
 
 class Hardware(BaseModel):
+    model_config = {"strict": True}
+
     gpu_type: str | None = Field(default=None, description="e.g. `H100`; None on a CPU worker.")
     gpu_count: int = 0
     vram_gb: float = Field(default=0, description="Total VRAM over all GPUs.")
@@ -57,7 +61,7 @@ class Hardware(BaseModel):
 
 
 class WorkerRegister(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     name: str = Field(default="worker", max_length=200)
     hardware: Hardware = Field(default_factory=Hardware)
@@ -89,6 +93,8 @@ class WorkerObject(BaseModel):
 
 
 class ClaimRequest(BaseModel):
+    model_config = {"strict": True}
+
     wait_s: float = Field(default=30.0, ge=0, le=300, description="Long-poll up to this long.")
 
 
@@ -101,6 +107,8 @@ class ClaimResponse(BaseModel):
 
 
 class HeartbeatRequest(BaseModel):
+    model_config = {"strict": True}
+
     wait_s: float = Field(default=10.0, ge=0, le=120, description="Return early on cancel.")
 
 
@@ -110,7 +118,7 @@ class HeartbeatResponse(BaseModel):
 
 
 class RunCompleteRequest(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     status: Literal["completed", "failed", "canceled", "lost"]
     exit_code: int | None = None

@@ -13,12 +13,13 @@ from fastapi.responses import FileResponse, StreamingResponse
 from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
+from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store.errors import Invalid
 from openweights.store.orgs import Principal
 from openweights.types.files import PURPOSES
 
-router = APIRouter(prefix="/v1", tags=["files"])
+router = APIRouter(prefix="/v1", tags=["files"], responses=ERROR_RESPONSES)
 FILENAME_MAX = 500
 
 

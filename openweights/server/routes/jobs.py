@@ -11,10 +11,11 @@ from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
 from openweights.server.notify import job_key, queue_key, run_key
+from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import jobs as q
 from openweights.store.orgs import Principal
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 def _with_reason(state, conn, row: dict) -> t.JobObject:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
 
 from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
+from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import orgs
 from openweights.store.errors import Forbidden, Invalid
 from openweights.store.orgs import Principal
+from openweights.types.orgs import SECRET_NAME_PATTERN
 
-router = APIRouter(prefix="/v1")
-SECRET_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,199}$"
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+SecretPath = Annotated[
+    str, Path(pattern=SECRET_NAME_PATTERN, description="An environment variable name.")
+]
 
 
 @router.post("/signup", response_model=t.SignupResponse, tags=["orgs"])
@@ -117,7 +123,7 @@ async def list_secrets(
 def _check_name(name: str) -> None:
     import re
 
-    if not re.match(SECRET_NAME, name):
+    if not re.match(SECRET_NAME_PATTERN, name):
         raise Invalid(
             f"Secret name {name[:80]!r} is not a valid environment variable name (letters, digits, _).",
             param="name",
@@ -139,7 +145,7 @@ async def _set(request: Request, p: Principal, values: dict[str, str]) -> list[d
 
 @router.put("/secrets/{name}", response_model=t.SecretObject, tags=["secrets"])
 async def set_secret(
-    name: str, body: t.SecretSet, request: Request, p: Principal = Depends(principal)
+    name: SecretPath, body: t.SecretSet, request: Request, p: Principal = Depends(principal)
 ) -> t.SecretObject:
     return t.SecretObject(**(await _set(request, p, {name: body.value}))[0])
 
@@ -154,7 +160,7 @@ async def import_secrets(
 
 @router.delete("/secrets/{name}", response_model=t.SecretObject, tags=["secrets"])
 async def delete_secret(
-    name: str, request: Request, p: Principal = Depends(principal)
+    name: SecretPath, request: Request, p: Principal = Depends(principal)
 ) -> t.SecretObject:
     require(p, "user")
     state = request.app.state.ow

@@ -14,6 +14,7 @@ from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
 from openweights.server.notify import job_key, queue_key, run_key
+from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store import jobs as q
 from openweights.store import orgs
@@ -21,7 +22,7 @@ from openweights.store import schema as s
 from openweights.store.errors import Fenced, Forbidden, Invalid
 from openweights.store.orgs import Principal
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 MAX_LOG_CHUNK = 8 << 20
 
 
