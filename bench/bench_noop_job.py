@@ -79,7 +79,7 @@ def main() -> None:
                     if i >= 3:  # warm-up: worker registration, first imports
                         times.append(dt)
                 results[label] = summary_ms(times)
-            results["python -c pass"]["floor"] = floor = summary_ms(python_pass_s(args.n))
+            results["python -c pass"]["floor"] = summary_ms(python_pass_s(args.n))
         finally:
             worker.terminate()
             worker.wait(30)
