@@ -97,7 +97,7 @@ _RESERVED = frozenset(
 
 #: Built-in kinds, imported on first use (`ow.fine_tuning` imports its module, which registers
 #: the kind): attribute → module under `openweights.jobs`. Each module calls `@register(name)`.
-BUILTIN_KINDS: dict[str, str] = {}
+BUILTIN_KINDS: dict[str, str] = {"fine_tuning": "openweights.jobs.fine_tuning"}
 
 _REGISTRY: dict[str, type[Jobs]] = {}
 

@@ -1,0 +1,110 @@
+"""Fine-tuning parameters, as the original openweights names and defaults them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class SamplingCallback(BaseModel):
+    """Generate from `dataset` every `eval_steps` steps; rows land in a jsonl file with `completion`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="File id of a conversations file (prompts).")
+    eval_steps: int | Literal["log"] = 10
+    batch_size: int = Field(default=8, ge=1)
+    tag: str = "samples"
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=600, ge=1)
+
+
+class TrainingConfig(BaseModel):
+    """`ow.fine_tuning.create(...)` parameters. Defaults follow the original openweights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Hub id, local path, or a model made by an earlier fine-tune.")
+    training_file: str = Field(description="File id: conversations (sft) or preference (dpo, orpo).")
+    test_file: str | None = Field(default=None, description="Conversations file for eval loss.")
+    loss: Literal["sft", "dpo", "orpo"]
+    chat_template: str = Field(default="default", description='"default": the tokenizer\'s own.')
+    finetuned_model_id: str = Field(
+        default="{org_id}/{model_name}-{job_id}",
+        description="Name of the result; `{org_id}`, `{model_name}`, `{job_id}` and any string param are filled in.",
+    )
+    model_naming_extra_parameters: dict[str, Any] | None = None
+    job_id_suffix: str | None = Field(default=None, description="Forces a distinct job.")
+    max_seq_length: int = Field(default=2048, ge=8)
+    load_in_4bit: bool = False
+    # LoRA
+    is_peft: bool = True
+    target_modules: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    lora_bias: Literal["all", "none", "lora_only"] = "none"
+    r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    use_rslora: bool = True
+    merge_before_push: bool = True
+    push_to_private: bool = True
+    # optimisation
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    per_device_train_batch_size: int = Field(default=2, ge=1)
+    gradient_accumulation_steps: int = Field(default=8, ge=1)
+    warmup_steps: int = Field(default=5, ge=0)
+    learning_rate: float | str = 1e-4
+    logging_steps: int = Field(default=1, ge=1)
+    optim: str = "adamw_8bit"
+    weight_decay: float = 0.01
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "linear"
+    seed: int = 3407
+    beta: float = Field(default=0.1, description="DPO / ORPO beta.")
+    save_steps: int = Field(default=5000, ge=1)
+    output_dir: str = "./tmp"
+    train_on_responses_only: bool = True
+    packing: bool = False
+    # callbacks
+    logp_callback_datasets: dict[str, str] = Field(default_factory=dict)
+    eval_every_n_steps: int | Literal["log"] = 5000
+    sampling_callbacks: list[SamplingCallback] | None = None
+    eval_batch_size: int = Field(default=8, ge=1)
+    test_file_eval_steps: int | None = None
+    test_file_eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    meta: dict[str, Any] | None = None
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: float | str) -> float:
+        try:
+            lr = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"learning_rate must be a number, got {v!r}") from None
+        if not 0 < lr < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {lr}")
+        return lr
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        want = "conversations" if self.loss == "sft" else "preference"
+        purpose = self.training_file.split(":", 1)[0] if ":file-" in self.training_file else None
+        if purpose is not None and purpose != want:
+            raise ValueError(
+                f"training_file: loss={self.loss!r} needs a {want!r} file, got a {purpose!r} file "
+                f"({self.training_file}); upload it with purpose={want!r}."
+            )
+        if self.test_file and ":file-" in self.test_file and not self.test_file.startswith("conversations:"):
+            raise ValueError("test_file: must be a 'conversations' file.")
+        if self.load_in_4bit and self.logp_callback_datasets:
+            raise ValueError("logp_callback_datasets: not supported together with load_in_4bit.")
+        if "/" not in self.finetuned_model_id:
+            raise ValueError("finetuned_model_id: must look like 'org/model'.")
+        org = self.finetuned_model_id.split("/", 1)[0]
+        if org in ("datasets", "models", "unsloth", "None", ""):
+            raise ValueError(f"finetuned_model_id: {org!r} cannot be the organization part.")
+        return self
