@@ -4,18 +4,22 @@
 R1 asks for 1,000 jobs x 8 workers and >= 50 random SIGKILLs, on SQLite and on PostgreSQL, with
 0 lost jobs, 0 jobs with more than one accepted completion and attempts <= max_attempts.
 
-Scaled here to 300 jobs x 8 workers so that one backend takes about 1.5 minutes on a 2-core
+Scaled here to 300 jobs x 8 workers so that one backend takes about two minutes on a 2-core
 machine: the server, eight workers and their job shells share the two cores, and every kill also
 starts a replacement worker (about a second of CPU to import and register). 1,000 jobs would take
 several minutes per backend here without testing anything more: what matters is the number of
 kills and where they land. Each job sleeps 0.5-1.5 s, so the 300 jobs keep 8 workers busy for
-at least 300 x 1 s / 8 = 37 s of pure sleep (about a minute with the per-job overhead and the
-retries), and a kill every 0.5-1 s (a steady cadence) gives >= 50 kills in that time. PostgreSQL
-is asked for >= 40 only because its drain time depends more on the machine. Each kill picks a pod at
-random: one running a job, one idle in its claim long-poll, or one still starting.
+at least 300 x 1 s / 8 = 37 s of pure sleep (60-110 s here with the per-job overhead and the
+retries), and a kill every 0.5-1 s (a steady cadence) gives 80-150 kills in that time; the
+asserted floor is 50 kills on SQLite and 40 on PostgreSQL. Each kill picks a pod at random: one
+running a job (about half of the kills), one idle in its claim long-poll, or one still starting.
 
 The lease is 2 s so lost runs come back quickly; max_attempts is 10 so a job is rarely unlucky
 enough to be killed 10 times, and when it is, the test checks that it failed the right way.
+
+Besides the assertions, the test prints what it saw: kills, lost runs, jobs that ran more than
+once (at-least-once), runs the server handed to a worker after it was killed (a claim long-poll
+that outlived its client), the most-retried jobs, and suspicious server and worker log lines.
 """
 
 from __future__ import annotations
@@ -195,7 +199,9 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
         victims, held = _kill_pod(w.proc.pid)
         held_at_kill |= held
         w.proc.wait()
-        wait_until(lambda: not any(alive(p) for p in victims), 10, f"pod {name} ({victims}) to die")
+        wait_until(
+            lambda v=victims: not any(alive(p) for p in v), 10, f"pod {name} ({victims}) to die"
+        )
         spawn()
     chaos_s = time.monotonic() - t_chaos
 
@@ -212,13 +218,14 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
     runs_of = {
         j["id"]: c.get(f"/v1/jobs/{j['id']}/runs").raise_for_status().json()["data"] for j in jobs
     }
-    lines = effects.read_text().split("\n")
-    done_runs = {tuple(l.split()[1:]) for l in lines if l.startswith("done ")}
-    started_runs = Counter(l.split()[1] for l in lines if l.startswith("start "))
+    records = [line.split() for line in effects.read_text().splitlines()]  # [what, job, run]
+    done_runs = {(job, run) for what, job, run in records if what == "done"}
+    starts_per_job = Counter(job for what, job, _ in records if what == "start")
+    dones_per_job = Counter(job for what, job, _ in records if what == "done")
 
     problems: list[str] = []
     failed_jobs, lost_by_killed, lost_by_survivor, requeue_lag = [], 0, 0, []
-    claimed_by_dead: list[int] = []  # runs handed to a worker after it was SIGKILLed
+    claimed_by_dead: list[tuple] = []  # (run, worker, seconds after the SIGKILL)
     for j in jobs:
         runs = runs_of[j["id"]]
         statuses = [r["status"] for r in runs]
@@ -253,7 +260,12 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
         for r in runs:
             worker = name_of.get(r["worker_id"], "?")
             if worker in killed_at and r["started_at"] > killed_at[worker]:
-                claimed_by_dead.append(r["id"])
+                # handed to a worker that was already dead: nobody ran it, the lease must end it
+                claimed_by_dead.append(
+                    (r["id"], worker, round(r["started_at"] - killed_at[worker], 2))
+                )
+                if r["status"] != "lost":
+                    problems.append(f"run {r['id']} claimed by dead {worker} is {r['status']}")
             if r["status"] == "lost":
                 if worker in killed_at:
                     lost_by_killed += 1
@@ -262,6 +274,11 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
                         requeue_lag.append(lag)
                 else:
                     lost_by_survivor += 1
+    # Every side effect comes from a run the server knows for that job.
+    run_ids_of = {jid: {str(r["id"]) for r in runs} for jid, runs in runs_of.items()}
+    phantom = [(job, run) for _, job, run in records if run not in run_ids_of.get(job, ())]
+    if phantom:
+        problems.append(f"side effects from unknown runs: {phantom[:5]}")
     # Runs a killed pod was running end lost (by lease expiry), never in progress or completed.
     run_by_id = {r["id"]: r for runs in runs_of.values() for r in runs}
     for rid in sorted(held_at_kill):
@@ -272,16 +289,15 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
     assert len(killed_at) >= MIN_KILLS[backend], (
         f"only {len(killed_at)} kills in {chaos_s:.0f}s of chaos"
     )
-    assert requeue_lag and max(requeue_lag) <= LEASE_S + 8, (
+    # R1: requeue within ttl + sweep (the sweeper runs every 0.2 s at this lease), plus slack for
+    # two loaded cores
+    assert requeue_lag and max(requeue_lag) <= LEASE_S + 0.2 + 3, (
         f"requeue after a kill took up to {max(requeue_lag or [0]):.1f}s"
     )
 
     # -- report ----------------------------------------------------------------------------------
     server_log = (srv.home / "server.log").read_text(errors="replace")
     worker_text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
-    dup_exec = sum(
-        1 for n in Counter(l.split()[1] for l in lines if l.startswith("done ")).values() if n > 1
-    )
     print(
         f"\n[R1 {backend}] {N_JOBS} jobs, {N_WORKERS} workers, {len(killed_at)} SIGKILLs "
         f"({len(held_at_kill)} hit a running job) in "
@@ -289,11 +305,14 @@ def test_random_sigkills_of_worker_pods_lose_no_job_and_complete_each_at_most_on
         f"completed {sum(j['status'] == 'completed' for j in jobs)}, failed {len(failed_jobs)}; "
         f"runs {sum(len(r) for r in runs_of.values())}: lost by killed pods {lost_by_killed}, "
         f"lost by surviving workers {lost_by_survivor}; jobs started more than once "
-        f"{sum(1 for n in started_runs.values() if n > 1)}, finished their script more than once "
-        f"{dup_exec}; requeue lag after kill max {max(requeue_lag):.2f}s "
+        f"{sum(n > 1 for n in starts_per_job.values())}, finished their script more than once "
+        f"{sum(n > 1 for n in dones_per_job.values())}; requeue lag after kill max {max(requeue_lag):.2f}s "
         f"mean {sum(requeue_lag) / len(requeue_lag):.2f}s"
     )
-    print(f"[R1 {backend}] runs claimed by a worker after its SIGKILL: {len(claimed_by_dead)}")
+    print(
+        f"[R1 {backend}] runs claimed by a worker after its SIGKILL: {len(claimed_by_dead)} "
+        f"(run, worker, s after the kill): {claimed_by_dead[:10]}"
+    )
     for j in sorted(jobs, key=lambda j: -j["attempts"])[:3]:
         print(f"[R1 {backend}] {j['id']} {j['status']} after {j['attempts']} attempt(s):")
         for r in runs_of[j["id"]]:
