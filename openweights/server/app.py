@@ -46,11 +46,11 @@ async def sweep_once(state: AppState) -> int:
                     conn, run_id, now, "lease expired: its worker stopped heartbeating"
                 )
                 if job is not None:
-                    state.revoked(conn, f"auth:run:{run_id}")
                     keys = [
                         queue_key(job["org_id"]),
                         job_key(job["org_id"], job["id"]),
                         run_key(run_id),
+                        f"auth:run:{run_id}",
                     ]
                     state.publish(conn, *keys)
                     woken += keys
@@ -72,6 +72,44 @@ async def _sweeper(state: AppState) -> None:
         except Exception:  # keep sweeping: one bad pass must not stop lease expiry for good
             log.exception("lease sweep failed")
         await asyncio.sleep(interval)
+
+
+class RequestIdMiddleware:
+    """`x-request-id` on every answer (the caller's, or a new one), and a JSON 500 naming it
+    instead of a stack trace. Plain ASGI: `@app.middleware("http")` costs a task and two memory
+    streams per request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")
+                break
+        rid = rid or uuid.uuid4().hex[:16]
+        header = (b"x-request-id", rid.encode("latin-1"))
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # never a stack trace to a client
+            log.exception("unhandled error (request %s)", rid)
+            if started:
+                raise
+            response = _error(500, "server_error", f"Internal server error (request {rid}).")
+            response.headers["x-request-id"] = rid
+            await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,16 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimitMiddleware)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        try:
-            response = await call_next(request)
-        except Exception:  # never a stack trace to a client
-            log.exception("unhandled error (request %s)", rid)
-            response = _error(500, "server_error", f"Internal server error (request {rid}).")
-        response.headers["x-request-id"] = rid
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError):

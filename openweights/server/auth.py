@@ -1,8 +1,8 @@
 """Bearer-token authentication and what each kind of token may do.
 
 Verified tokens are cached for a few seconds so that a request pays no extra database trip;
-a revocation drops the entry at once on this server and, through LISTEN/NOTIFY, on the others
-(`auth:` keys), so a revoked token fails on its next request.
+a revocation drops the entry once it commits, on this server and, through LISTEN/NOTIFY, on the
+others (`auth:` keys), so a revoked token fails on its next request.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ CACHE_MAX = 10_000
 class AuthCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[Principal, float | None, float]] = {}
+        # Bumped by every drop: a look-up that read the token before a revocation committed
+        # must not cache it after the drop (`put` compares generations).
+        self.generation = 0
 
     def get(self, token_hash: str, now: float) -> Principal | None:
         hit = self._entries.get(token_hash)
@@ -34,14 +37,23 @@ class AuthCache:
         return principal
 
     def put(
-        self, token_hash: str, principal: Principal, expires_at: float | None, now: float
+        self,
+        token_hash: str,
+        principal: Principal,
+        expires_at: float | None,
+        now: float,
+        generation: int | None = None,
     ) -> None:
+        """Cache a verified token, unless something was dropped since `generation` was read."""
+        if generation is not None and generation != self.generation:
+            return
         if len(self._entries) >= CACHE_MAX:
             self._entries.clear()
         self._entries[token_hash] = (principal, expires_at, now)
 
     def drop(self, key: str) -> None:
         """`auth:token:<id>`, `auth:run:<id>` or anything else under `auth:` (drop all)."""
+        self.generation += 1
         kind, _, ident = key.removeprefix("auth:").partition(":")
         if kind == "token":
             victims = [h for h, (p, _, _) in self._entries.items() if p.token_id == ident]
@@ -68,13 +80,14 @@ async def principal(request: Request) -> Principal:
     cached = state.auth_cache.get(token_hash, now)
     if cached is not None:
         return cached
+    generation = state.auth_cache.generation
 
     def check():
         with state.db.read() as conn:
             return orgs.authenticate(conn, secret, state.db.now(conn))
 
     p, expires_at = await state.call(check)
-    state.auth_cache.put(token_hash, p, expires_at, now)
+    state.auth_cache.put(token_hash, p, expires_at, now, generation)
     return p
 
 

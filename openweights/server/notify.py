@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 CHANNEL = "openweights"
@@ -25,8 +26,10 @@ def run_key(run_id: int) -> str:
 
 
 class Notifier:
-    def __init__(self, on_auth=None) -> None:
-        self._on_auth = on_auth  # called with `auth:` keys (revocations) from other servers
+    def __init__(self, hooks: Mapping[str, Callable[[str], None]] | None = None) -> None:
+        # key prefix -> called with each such key, local or from another server: cache
+        # invalidations (`auth:` revocations, `secrets:` writes)
+        self._hooks = dict(hooks or {})
         self._events: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: threading.Thread | None = None
@@ -44,8 +47,9 @@ class Notifier:
 
     def notify(self, *keys: str) -> None:
         for key in keys:
-            if key.startswith("auth:") and self._on_auth is not None:
-                self._on_auth(key)
+            for prefix, hook in self._hooks.items():
+                if key.startswith(prefix):
+                    hook(key)
             ev = self._events.pop(key, None)
             if ev is not None:
                 ev.set()

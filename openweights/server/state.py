@@ -6,11 +6,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from openweights._settings import Settings
 from openweights.server.auth import AuthCache
+from openweights.server.env_cache import SecretEnvCache
 from openweights.server.notify import CHANNEL, Notifier
+from openweights.store import orgs
 from openweights.store.blobs import open_blob_store
 from openweights.store.crypto import SecretBox, load_keys
 from openweights.store.db import Database
@@ -26,21 +28,33 @@ class AppState:
         self.blobs = open_blob_store(settings.resolved_storage_url(), settings.home)
         self.box = SecretBox(load_keys(settings.secret_key, settings.home))
         self.auth_cache = AuthCache()
-        self.notifier = Notifier(on_auth=self.auth_cache.drop)
+        self.env_cache = SecretEnvCache()
+        self.notifier = Notifier(
+            hooks={"auth:": self.auth_cache.drop, "secrets:": self.env_cache.drop}
+        )
         self.tmp_dir = settings.home / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        #: sha256 of blobs known to be in the blob store (content-addressed: they stay)
+        self.known_blobs: set[str] = set()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking store work off the event loop."""
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
     def publish(self, conn: Connection, *keys: str) -> None:
-        """Inside a write transaction: tell other servers (PostgreSQL) once it commits."""
-        if not self.db.is_sqlite:
-            for key in keys:
-                conn.execute(text("SELECT pg_notify(:c, :k)"), {"c": CHANNEL, "k": key})
+        """Inside a write transaction: tell other servers (PostgreSQL) once it commits, in one
+        statement. This server learns the same keys after the commit (`notifier.notify` on the
+        loop, or `committed` from the thread): cache keys (`auth:`, `secrets:`) are dropped
+        after the commit, never before, or a concurrent request could cache what it read before
+        it."""
+        self.db.notify(conn, CHANNEL, list(keys))
 
-    def revoked(self, conn: Connection, key: str) -> None:
-        """A token (`auth:token:<id>`) or a run's token (`auth:run:<id>`) stopped being valid."""
-        self.auth_cache.drop(key)
-        self.publish(conn, key)
+    def committed(self, *keys: str) -> None:
+        """From a store call's thread, once its write transaction committed: wake this server's
+        long-polls on `keys` and drop the cache entries they name. Scheduled on the event loop
+        before the call's own result, so it has happened when the route answers."""
+        self.notifier.notify_threadsafe(*keys)
+
+    def secret_env(self, conn: Connection, org_id: str) -> dict[str, str]:
+        """The org's decrypted secrets (cached; see `env_cache`)."""
+        return self.env_cache.get(org_id, lambda: orgs.secret_env(conn, org_id, self.box))

@@ -11,6 +11,8 @@ from pathlib import Path
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
+from openweights.store.queries import query
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -65,9 +67,13 @@ class Database:
         """The database's clock: leases never depend on a worker's or a second server's clock."""
         if self.is_sqlite:
             return time.time()  # one server process owns the file: its clock is the database's
-        return float(
-            conn.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one()
-        )
+        return float(conn.execute(query(conn, "clock")).scalar_one())
+
+    def notify(self, conn: Connection, channel: str, keys: list[str]) -> None:
+        """PostgreSQL: NOTIFY `keys` on `channel` when this transaction commits (one round trip).
+        SQLite has one server process: nothing to tell."""
+        if keys and not self.is_sqlite:
+            conn.execute(query(conn, "notify"), {"channel": channel, "keys": list(keys)})
 
     def migrate(self) -> None:
         from alembic import command
@@ -108,4 +114,5 @@ def _sqlite_setup(engine, begin_sql: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn) -> None:
-        conn.exec_driver_sql(begin_sql)
+        # straight to the driver: every transaction pays this, and it returns nothing
+        conn.connection.dbapi_connection.execute(begin_sql)

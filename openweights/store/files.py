@@ -6,6 +6,7 @@ from sqlalchemy import Connection, insert, select
 
 from openweights.store import schema as s
 from openweights.store.errors import NotFound
+from openweights.store.queries import query
 
 
 def file_id(purpose: str, sha256: str) -> str:
@@ -38,6 +39,33 @@ def add_file(
     }
     conn.execute(insert(s.files), row)
     return row
+
+
+def add_file_once(
+    conn: Connection,
+    *,
+    org_id: str,
+    purpose: str,
+    filename: str,
+    size: int,
+    sha256: str,
+    now: float,
+) -> str:
+    """`add_file` in one statement, for callers that need only the id (a run's log file)."""
+    fid = file_id(purpose, sha256)
+    conn.execute(
+        query(conn, "add_file_once"),
+        {
+            "org_id": org_id,
+            "id": fid,
+            "filename": filename,
+            "purpose": purpose,
+            "bytes": size,
+            "sha256": sha256,
+            "now": now,
+        },
+    )
+    return fid
 
 
 def _get(conn: Connection, org_id: str, fid: str) -> dict | None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 
 from openweights.store import orgs
 from openweights.store import schema as s
-from openweights.store.errors import Conflict, Fenced, Invalid, NotFound
+from openweights.store.errors import Conflict, Fenced, Forbidden, Invalid, NotFound
+from openweights.store.orgs import Principal
+from openweights.store.queries import query
 
 TERMINAL = ("completed", "failed", "canceled")
 J, R, W, E = s.jobs, s.runs, s.workers, s.events
@@ -41,6 +44,27 @@ def compute_job_id(
 # -- jobs ------------------------------------------------------------------------------------
 
 
+def fill_placeholders(params: dict, *, job_id: str, org_name: Callable[[], str]) -> dict:
+    """`{job_id}` and `{org_id}` in top-level string values of `params.validated_params` become
+    the job's id and the org's name (e.g. `finetuned_model_id`). The id is hashed from the
+    params before this, so resubmitting the same template finds the same job."""
+    vp = params.get("validated_params")
+    if not isinstance(vp, dict):
+        return params
+    if not any(isinstance(v, str) and ("{job_id}" in v or "{org_id}" in v) for v in vp.values()):
+        return params
+    org = org_name()
+    filled = {
+        k: v.replace("{job_id}", job_id).replace("{org_id}", org) if isinstance(v, str) else v
+        for k, v in vp.items()
+    }
+    return {**params, "validated_params": filled}
+
+
+def _org_name(conn: Connection, org_id: str) -> str:
+    return conn.execute(select(s.orgs.c.name).where(s.orgs.c.id == org_id)).scalar_one()
+
+
 def create_job(
     conn: Connection, org_id: str, req: Any, now: float, default_max_attempts: int, *, lock: bool
 ) -> tuple[dict, bool]:
@@ -56,6 +80,7 @@ def create_job(
         id_prefix=req.id_prefix,
         suffix=suffix,
     )
+    params = fill_placeholders(req.params, job_id=jid, org_name=lambda: _org_name(conn, org_id))
     requirements = {
         "requires_vram_gb": req.requires_vram_gb,
         "allowed_hardware": req.allowed_hardware,
@@ -65,31 +90,34 @@ def create_job(
     }
     if req.max_attempts is not None:
         requirements["max_attempts"] = req.max_attempts
-    existing = _job_row(conn, org_id, jid, lock=lock)
-    if existing is None:
-        row = {
-            "org_id": org_id,
-            "id": jid,
-            "type": req.type,
-            "status": "pending",
-            "params": req.params,
-            "script": req.script,
-            "outputs": None,
-            "attempts": 0,
-            "max_attempts": req.max_attempts or default_max_attempts,
-            "error": None,
-            "current_run_id": None,
-            "worker_id": None,
-            "created_at": now,
-            "updated_at": now,
-            "queued_at": now,
-            "started_at": None,
-            "finished_at": None,
-            **requirements,
-        }
-        pk = conn.execute(insert(J).returning(J.c.pk), row).scalar_one()
+    row = {
+        "org_id": org_id,
+        "id": jid,
+        "type": req.type,
+        "status": "pending",
+        "params": params,
+        "script": req.script,
+        "outputs": None,
+        "attempts": 0,
+        "max_attempts": req.max_attempts or default_max_attempts,
+        "error": None,
+        "current_run_id": None,
+        "worker_id": None,
+        "created_at": now,
+        "updated_at": now,
+        "queued_at": now,
+        "started_at": None,
+        "finished_at": None,
+        **requirements,
+    }
+    # A new job is one statement; an existing id (a resubmit) is rare and takes the slow path.
+    pk = conn.execute(query(conn, "insert_job"), {**row, "now": now}).scalar()
+    if pk is not None:
         row["pk"] = pk
         return row, True
+    existing = _job_row(conn, org_id, jid, lock=lock)
+    if existing is None:  # cannot happen: the insert conflicted with it in this transaction
+        raise Conflict(f"Job {jid!r} was deleted while it was resubmitted; submit it again.")
     if existing["status"] in ("failed", "canceled"):
         values = {
             "status": "pending",
@@ -254,11 +282,7 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
     live = [
         dict(r)
         for r in conn.execute(
-            select(W).where(
-                W.c.org_id == job["org_id"],
-                W.c.status == "active",
-                W.c.last_seen_at >= now - offline_s,
-            )
+            query(conn, "live_workers"), {"org_id": job["org_id"], "since": now - offline_s}
         ).mappings()
     ]
     need = (
@@ -278,11 +302,7 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
         offer = ", ".join(sorted({f"{w['hardware_type']} ({w['vram_gb']:g} GB)" for w in live}))
         return f"No live worker fits: the job needs {need}; live workers offer {offer}."
     ahead = conn.execute(
-        select(func.count())
-        .select_from(J)
-        .where(
-            J.c.org_id == job["org_id"], J.c.status == "pending", J.c.queued_at < job["queued_at"]
-        )
+        query(conn, "jobs_ahead"), {"org_id": job["org_id"], "queued_at": job["queued_at"]}
     ).scalar_one()
     busy = sum(1 for w in fitting if w["current_run_id"] is not None)
     return f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, {ahead} job(s) ahead."
@@ -340,7 +360,28 @@ def shutdown_worker(conn: Connection, org_id: str, worker_id: str, now: float) -
 
 
 def touch_worker(conn: Connection, worker_id: str, now: float) -> None:
-    conn.execute(update(W).where(W.c.id == worker_id).values(last_seen_at=now))
+    conn.execute(query(conn, "touch_worker"), {"worker_id": worker_id, "now": now})
+
+
+def checkin_worker(conn: Connection, org_id: str, worker_id: str, now: float) -> dict:
+    """Mark a worker seen and return the fields a claim needs (`claim`, `check_worker_caller`)."""
+    row = (
+        conn.execute(
+            query(conn, "checkin_worker"),
+            {"worker_id": worker_id, "org_id": org_id, "now": now},
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"Worker {worker_id!r} not found.", param="worker_id")
+    return dict(row)
+
+
+def check_worker_caller(worker: dict, caller: Principal) -> None:
+    """A worker token speaks only for the workers it registered."""
+    if caller.kind == "worker" and worker["token_id"] != caller.token_id:
+        raise Forbidden(f"Worker {worker['id']!r} was registered with another token.")
 
 
 # -- claim -----------------------------------------------------------------------------------
@@ -354,61 +395,93 @@ class Claim:
 
 
 def claim(
-    conn: Connection, worker: dict, now: float, lease_s: float, *, skip_locked: bool
+    conn: Connection,
+    worker: dict,
+    now: float,
+    lease_s: float,
+    *,
+    skip_locked: bool | None = None,
 ) -> Claim | None:
-    """Atomically take the oldest pending job of the worker's org that fits it."""
+    """Atomically take the oldest pending job of the worker's org that fits it.
+
+    `worker` needs id, org_id, status, hardware_type, vram_gb, docker_image, any_hardware and
+    cached_models (`checkin_worker` or `get_worker`). The row lock is the dialect's: PostgreSQL
+    skips rows another claim holds (`FOR UPDATE SKIP LOCKED`), SQLite has one writer
+    (`BEGIN IMMEDIATE`); `skip_locked` is accepted for callers that still pass it.
+    """
+    del skip_locked  # the dialect's variant of claim_take decides
     if worker["status"] != "active":
         raise Conflict(f"Worker {worker['id']!r} is shut down; it takes no more jobs.")
     # Scan light columns without locks, then lock only the row we take: locking a whole batch
     # (FOR UPDATE SKIP LOCKED LIMIT n) would hide every other pending job from concurrent claims.
-    cols = [
-        J.c.pk,
-        J.c.queued_at,
-        J.c.requires_vram_gb,
-        J.c.allowed_hardware,
-        J.c.docker_image,
-        J.c.model,
-    ]
-    base = select(*cols).where(J.c.org_id == worker["org_id"], J.c.status == "pending")
-    if not worker["any_hardware"]:
-        base = base.where(
-            or_(J.c.allowed_hardware.isnot(None), J.c.requires_vram_gb <= worker["vram_gb"])
-        )
-    if worker["docker_image"] is not None:
-        base = base.where(
-            or_(J.c.docker_image.is_(None), J.c.docker_image == worker["docker_image"])
-        )
-    cached = set(worker["cached_models"] or [])
-    chosen = None
-    cursor = None
-    batch = 8  # the first few usually fit; widen only when they do not
-    while chosen is None:
-        q = base
-        if cursor is not None:
-            q = q.where(
-                or_(J.c.queued_at > cursor[0], and_(J.c.queued_at == cursor[0], J.c.pk > cursor[1]))
-            )
-        rows = [
-            dict(r) for r in conn.execute(q.order_by(J.c.queued_at, J.c.pk).limit(batch)).mappings()
-        ]
+    scan = {
+        "org_id": worker["org_id"],
+        "any_hardware": bool(worker["any_hardware"]),
+        "vram_gb": worker["vram_gb"],
+        "any_image": worker["docker_image"] is None,
+        "docker_image": worker["docker_image"] or "",
+        "after_queued_at": -1.0,  # queued_at is an epoch time: every job is after this
+        "after_pk": 0,
+        "limit": 8,  # the first few usually fit; widen only when they do not
+    }
+    candidates_q, take_q = query(conn, "claim_candidates"), query(conn, "claim_take")
+    cached = worker["cached_models"] or ()
+    taken = None
+    while taken is None:
+        rows = conn.execute(candidates_q, scan).mappings().all()
         if not rows:
             return None
-        candidates = [r for r in rows if fits(r, worker)]
-        cached_first = [r for r in candidates if r["model"] and r["model"] in cached]
-        for cand in cached_first + [r for r in candidates if r not in cached_first]:
-            lock = select(J).where(J.c.pk == cand["pk"], J.c.status == "pending")
-            if skip_locked:
-                lock = lock.with_for_update(skip_locked=True)
-            row = conn.execute(lock).mappings().first()
-            if row is not None:
-                chosen = dict(row)
+        fitting = [r for r in rows if fits(r, worker)]
+        if cached:  # jobs for a model this worker has on disk first (stable: oldest first)
+            fitting.sort(key=lambda r: not (r["model"] and r["model"] in cached))
+        for cand in fitting:
+            taken = conn.execute(
+                take_q,
+                {
+                    "job_pk": cand["pk"],
+                    "worker_id": worker["id"],
+                    "lease_expires_at": now + lease_s,
+                    "now": now,
+                    "hardware": worker["hardware_type"],
+                },
+            ).first()
+            if taken is not None:
                 break
-        cursor = (rows[-1]["queued_at"], rows[-1]["pk"])
-        batch = 64
-    attempt = chosen["attempts"] + 1
+        scan["after_queued_at"], scan["after_pk"] = rows[-1]["queued_at"], rows[-1]["pk"]
+        scan["limit"] = 64
+    run_id, attempt = taken
+    job = (
+        conn.execute(
+            query(conn, "claim_start_job"),
+            {
+                "job_pk": cand["pk"],
+                "attempt": attempt,
+                "run_id": run_id,
+                "worker_id": worker["id"],
+                "now": now,
+            },
+        )
+        .mappings()
+        .first()
+    )
+    if job is None:  # cannot happen under the row lock / one writer: refuse to double-run
+        raise Conflict("claim raced with another writer")
+    conn.execute(
+        query(conn, "worker_took_run"), {"run_id": run_id, "worker_id": worker["id"], "now": now}
+    )
+    _, token = orgs.create_token(
+        conn,
+        org_id=worker["org_id"],
+        name=f"run {run_id}",
+        kind="run",
+        now=now,
+        run_id=run_id,
+    )
     run = {
+        "id": run_id,
         "org_id": worker["org_id"],
-        "job_pk": chosen["pk"],
+        "job_pk": cand["pk"],
+        "job_id": job["id"],
         "worker_id": worker["id"],
         "attempt": attempt,
         "status": "in_progress",
@@ -421,47 +494,21 @@ def claim(
         "log_file": None,
         "hardware": worker["hardware_type"],
     }
-    run["id"] = conn.execute(insert(R).returning(R.c.id), run).scalar_one()
-    job_values = {
-        "status": "in_progress",
-        "attempts": attempt,
-        "current_run_id": run["id"],
-        "worker_id": worker["id"],
-        "updated_at": now,
-        "started_at": chosen["started_at"] or now,
-    }
-    done = conn.execute(
-        update(J).where(J.c.pk == chosen["pk"], J.c.status == "pending").values(**job_values)
-    ).rowcount
-    if done != 1:  # cannot happen under the row lock / single writer; refuse rather than double-run
-        raise Conflict("claim raced with another writer")
-    chosen.update(job_values)
-    conn.execute(
-        update(W).where(W.c.id == worker["id"]).values(current_run_id=run["id"], last_seen_at=now)
-    )
-    _, token = orgs.create_token(
-        conn,
-        org_id=worker["org_id"],
-        name=f"run {run['id']}",
-        kind="run",
-        now=now,
-        run_id=run["id"],
-    )
-    return Claim(run=run, job=chosen, token=token)
+    return Claim(run=run, job=dict(job), token=token)
 
 
 # -- runs ------------------------------------------------------------------------------------
 
 
 def get_run(conn: Connection, org_id: str, run_id: int, *, lock: bool = False) -> dict:
-    q = (
-        select(R, J.c.id.label("job_id"))
-        .join(J, J.c.pk == R.c.job_pk)
-        .where(R.c.id == run_id, R.c.org_id == org_id)
-    )
+    """A run with its `job_id` and `worker_token_id` (the token its worker registered with)."""
     if lock:
-        q = q.with_for_update(of=R)
-    row = conn.execute(q).mappings().first()
+        return lock_run(conn, org_id, run_id)[0]
+    row = (
+        conn.execute(query(conn, "get_run"), {"run_id": run_id, "org_id": org_id})
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"Run {run_id} not found.", param="run_id")
     return dict(row)
@@ -473,19 +520,41 @@ def list_runs(conn: Connection, org_id: str, job_id: str) -> list[dict]:
     return [dict(r, job_id=job_id) for r in conn.execute(q).mappings()]
 
 
-def live_run(
-    conn: Connection,
-    org_id: str,
-    run_id: int,
-    now: float,
-    *,
-    worker_id: str | None = None,
-    check_lease: bool = True,
-) -> tuple[dict, dict]:
-    """The run and its job, if this run is still the job's live run; else raise Fenced."""
-    run = get_run(conn, org_id, run_id, lock=True)
-    job = conn.execute(select(J).where(J.c.pk == run["job_pk"]).with_for_update()).mappings().one()
-    job = dict(job)
+_JOB_FIELDS = ("status", "current_run_id", "attempts", "max_attempts")
+
+
+def lock_run(conn: Connection, org_id: str, run_id: int) -> tuple[dict, dict]:
+    """The run and what fencing needs of its job, both locked until the transaction ends (one
+    statement). The job dict has pk, id, org_id, status, current_run_id, attempts, max_attempts."""
+    row = (
+        conn.execute(query(conn, "lock_run"), {"run_id": run_id, "org_id": org_id})
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"Run {run_id} not found.", param="run_id")
+    run = dict(row)
+    job = {"pk": run["job_pk"], "id": run["job_id"], "org_id": run["org_id"]}
+    for f in _JOB_FIELDS:
+        job[f] = run.pop(f"job_{f}")
+    return run, job
+
+
+def check_run_caller(run: dict, caller: Principal | None) -> None:
+    """Workers speak only for their own runs; a job's token only for its own run."""
+    if caller is None:
+        return
+    if caller.kind == "run" and caller.run_id != run["id"]:
+        raise Forbidden("A job's token may only write to its own run.")
+    if caller.kind == "worker" and run["worker_id"] and run["worker_token_id"] != caller.token_id:
+        raise Forbidden(f"Worker {run['worker_id']!r} was registered with another token.")
+
+
+def check_live(
+    run: dict, job: dict, now: float, *, worker_id: str | None = None, check_lease: bool = True
+) -> None:
+    """Raise Fenced unless `run` is still its job's live run (and, by default, holds its lease)."""
+    run_id = run["id"]
     if worker_id is not None and run["worker_id"] != worker_id:
         raise Fenced(f"Run {run_id} belongs to another worker.")
     if run["status"] != "in_progress" or job["current_run_id"] != run_id:
@@ -494,18 +563,65 @@ def live_run(
         )
     if check_lease and run["lease_expires_at"] is not None and run["lease_expires_at"] < now:
         raise Fenced(f"Run {run_id} lost its lease; its job will be retried. Stop it.")
+
+
+def live_run(
+    conn: Connection,
+    org_id: str,
+    run_id: int,
+    now: float,
+    *,
+    worker_id: str | None = None,
+    check_lease: bool = True,
+    caller: Principal | None = None,
+) -> tuple[dict, dict]:
+    """The run and its job (locked), if `caller` may speak for the run and it is still the
+    job's live run; else raise NotFound, Forbidden or Fenced, in that order."""
+    run, job = lock_run(conn, org_id, run_id)
+    check_run_caller(run, caller)
+    check_live(run, job, now, worker_id=worker_id, check_lease=check_lease)
     return run, job
 
 
 def heartbeat(
-    conn: Connection, org_id: str, run_id: int, now: float, lease_s: float, worker_id: str | None
+    conn: Connection,
+    org_id: str,
+    run_id: int,
+    now: float,
+    lease_s: float,
+    worker_id: str | None,
+    *,
+    caller: Principal | None = None,
 ) -> tuple[float, bool]:
-    run, job = live_run(conn, org_id, run_id, now, worker_id=worker_id)
+    """Renew the live run's lease from `now`; returns (lease_expires_at, job canceled)."""
     lease = now + lease_s
-    conn.execute(update(R).where(R.c.id == run_id).values(lease_expires_at=lease))
-    if run["worker_id"]:
-        touch_worker(conn, run["worker_id"], now)
-    return lease, job["status"] == "canceled"
+    row = (
+        conn.execute(
+            query(conn, "renew_lease"),
+            {"run_id": run_id, "org_id": org_id, "now": now, "lease_expires_at": lease},
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:  # not renewed: find out why (the checks below raise) and answer precisely
+        run, job = live_run(conn, org_id, run_id, now, worker_id=worker_id, caller=caller)
+        conn.execute(query(conn, "renew_lease_slow"), {"run_id": run_id, "lease_expires_at": lease})
+        row = {**run, "job_status": job["status"]}
+    else:  # renewed; an error below rolls the renewal back with the transaction
+        check_run_caller(row, caller)
+        if worker_id is not None and row["worker_id"] != worker_id:
+            raise Fenced(f"Run {run_id} belongs to another worker.")
+    if row["worker_id"]:
+        touch_worker(conn, row["worker_id"], now)
+    return lease, row["job_status"] == "canceled"
+
+
+def run_status(conn: Connection, org_id: str, run_id: int) -> tuple[str, str]:
+    """(run status, job status)."""
+    row = conn.execute(query(conn, "run_status"), {"run_id": run_id, "org_id": org_id}).first()
+    if row is None:
+        raise NotFound(f"Run {run_id} not found.", param="run_id")
+    return row[0], row[1]
 
 
 def append_log(
@@ -516,8 +632,10 @@ def append_log(
     data: bytes,
     now: float,
     worker_id: str | None,
+    *,
+    caller: Principal | None = None,
 ) -> int:
-    run, _ = live_run(conn, org_id, run_id, now, worker_id=worker_id)
+    run, _ = live_run(conn, org_id, run_id, now, worker_id=worker_id, caller=caller)
     size = run["log_size"]
     if offset > size:
         raise Conflict(
@@ -525,9 +643,11 @@ def append_log(
         )
     data = data[size - offset :]  # a resent chunk only adds what is new
     if data:
-        conn.execute(insert(s.log_chunks).values(run_id=run_id, offset=size, data=data))
+        conn.execute(
+            query(conn, "insert_log_chunk"), {"run_id": run_id, "offset": size, "data": data}
+        )
         size += len(data)
-        conn.execute(update(R).where(R.c.id == run_id).values(log_size=size))
+        conn.execute(query(conn, "set_log_size"), {"run_id": run_id, "log_size": size})
     return size
 
 
@@ -566,7 +686,9 @@ def finish_run(
     error: str | None = None,
     log_file: str | None = None,
 ) -> dict:
-    """End a live run and move its job on. `status` is the run's: completed, failed, canceled or lost."""
+    """End a live run and move its job on. `status` is the run's: completed, failed, canceled or lost.
+
+    `job` needs pk, status, current_run_id, attempts and max_attempts (`live_run` gives them)."""
     run_values = {
         "status": status,
         "finished_at": now,
@@ -575,45 +697,53 @@ def finish_run(
         "lease_expires_at": None,
         "log_file": log_file,
     }
-    conn.execute(update(R).where(R.c.id == run["id"]).values(**run_values))
+    conn.execute(query(conn, "end_run"), {**run_values, "run_id": run["id"], "now": now})
     run.update(run_values)
     if run["worker_id"]:
         conn.execute(
-            update(W)
-            .where(W.c.id == run["worker_id"], W.c.current_run_id == run["id"])
-            .values(current_run_id=None)
+            query(conn, "worker_released_run"), {"worker_id": run["worker_id"], "run_id": run["id"]}
         )
     orgs.revoke_run_tokens(conn, run["id"], now)
     if job["current_run_id"] != run["id"]:
         return run
     values: dict[str, Any] = {"updated_at": now}
     if job["status"] == "canceled":
-        pass  # the user canceled it: it stays canceled whatever the run did
+        name = "job_touched"  # the user canceled it: it stays canceled whatever the run did
     elif status == "completed":
+        name = "job_completed"
         values.update(
             status="completed", outputs=merged_outputs(conn, run["id"]), finished_at=now, error=None
         )
-    elif status == "failed":
-        values.update(status="failed", finished_at=now, error=error or f"exit code {exit_code}")
-    elif status == "canceled":
-        values.update(status="failed", finished_at=now, error=error or "canceled by its worker")
-    elif status == "lost":
-        if job["attempts"] < job["max_attempts"]:
-            values.update(status="pending", current_run_id=None, worker_id=None)
+    elif status == "lost" and job["attempts"] < job["max_attempts"]:
+        name = "job_requeued"
+        values.update(status="pending", current_run_id=None, worker_id=None)
+    else:
+        if status == "failed":
+            reason = error or f"exit code {exit_code}"
+        elif status == "canceled":
+            reason = error or "canceled by its worker"
+        elif status == "lost":
+            reason = f"failed after {job['attempts']} attempt(s); the last was lost: {error}"
         else:
-            values.update(
-                status="failed",
-                finished_at=now,
-                error=f"failed after {job['attempts']} attempt(s); the last was lost: {error}",
-            )
-    conn.execute(update(J).where(J.c.pk == job["pk"]).values(**values))
+            raise Invalid(f"Unknown run status {status!r}.", param="status")
+        name = "job_failed"
+        values.update(status="failed", finished_at=now, error=reason)
+    conn.execute(
+        query(conn, name),
+        {
+            "job_pk": job["pk"],
+            "now": now,
+            "outputs": values.get("outputs"),
+            "error": values.get("error"),
+        },
+    )
     job.update(values)
     return run
 
 
 def merged_outputs(conn: Connection, run_id: int) -> dict:
     out: dict[str, Any] = {}
-    for (data,) in conn.execute(select(E.c.data).where(E.c.run_id == run_id).order_by(E.c.id)):
+    for (data,) in conn.execute(query(conn, "run_outputs"), {"run_id": run_id}):
         if isinstance(data, dict):
             out.update({k: v for k, v in data.items() if v is not None})
     return out
@@ -625,7 +755,8 @@ def expired_runs(conn: Connection, now: float, limit: int = 500) -> list[int]:
 
 
 def lose_run(conn: Connection, run_id: int, now: float, reason: str) -> dict | None:
-    """Mark one in-progress run lost (lease lapsed) and requeue or fail its job."""
+    """Mark one in-progress run lost (lease lapsed) and requeue or fail its job. Nothing when
+    the run ended or was renewed since the sweeper listed it."""
     run = (
         conn.execute(
             select(R, J.c.id.label("job_id"))
@@ -638,6 +769,8 @@ def lose_run(conn: Connection, run_id: int, now: float, reason: str) -> dict | N
     )
     if run is None or run["status"] != "in_progress":
         return None
+    if run["lease_expires_at"] is not None and run["lease_expires_at"] >= now:
+        return None  # a heartbeat renewed it after the sweeper's read
     run = dict(run)
     job = dict(
         conn.execute(select(J).where(J.c.pk == run["job_pk"]).with_for_update()).mappings().one()
@@ -657,11 +790,11 @@ def add_events(conn: Connection, run: dict, events: list[Any], now: float) -> in
             "job_pk": run["job_pk"],
             "data": e.data,
             "file": e.file,
-            "created_at": now,
+            "now": now,
         }
         for e in events
     ]
-    conn.execute(insert(E), rows)
+    conn.execute(query(conn, "insert_event"), rows)
     return len(rows)
 
 
@@ -690,7 +823,7 @@ def list_events(
 
 
 def delete_log_chunks(conn: Connection, run_id: int) -> None:
-    conn.execute(delete(s.log_chunks).where(s.log_chunks.c.run_id == run_id))
+    conn.execute(query(conn, "delete_log_chunks"), {"run_id": run_id})
 
 
 def grace_live_leases(conn: Connection, now: float, lease_s: float) -> int:

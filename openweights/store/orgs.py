@@ -12,6 +12,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from openweights.store import schema as s
 from openweights.store.crypto import SecretBox
 from openweights.store.errors import NotFound, Unauthorized
+from openweights.store.queries import query
 
 TOKEN_PREFIX = "ow_"
 
@@ -71,14 +72,14 @@ def create_token(
         "expires_at": expires_at,
         "revoked_at": None,
     }
-    conn.execute(insert(s.tokens), row)
+    conn.execute(query(conn, "insert_token"), row)
     return row, secret
 
 
 def authenticate(conn: Connection, secret: str, now: float) -> tuple[Principal, float | None]:
     """The caller behind a token, and when the token expires."""
     row = (
-        conn.execute(select(s.tokens).where(s.tokens.c.token_hash == hash_token(secret)))
+        conn.execute(query(conn, "authenticate"), {"token_hash": hash_token(secret)})
         .mappings()
         .first()
     )
@@ -123,11 +124,7 @@ def revoke_token(conn: Connection, org_id: str, token_id: str, now: float) -> di
 
 
 def revoke_run_tokens(conn: Connection, run_id: int, now: float) -> None:
-    conn.execute(
-        update(s.tokens)
-        .where(s.tokens.c.run_id == run_id, s.tokens.c.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
+    conn.execute(query(conn, "revoke_run_tokens"), {"run_id": run_id, "now": now})
 
 
 # -- secrets ---------------------------------------------------------------------------------
@@ -184,5 +181,5 @@ def delete_secret(conn: Connection, org_id: str, name: str) -> dict:
 
 
 def secret_env(conn: Connection, org_id: str, box: SecretBox) -> dict[str, str]:
-    q = select(s.secrets.c.name, s.secrets.c.value_encrypted).where(s.secrets.c.org_id == org_id)
-    return {name: box.decrypt(enc) for name, enc in conn.execute(q)}
+    rows = conn.execute(query(conn, "secret_env"), {"org_id": org_id}).all()
+    return {name: box.decrypt(enc) for name, enc in rows}

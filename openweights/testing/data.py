@@ -7,7 +7,9 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-_WORDS = "apple river stone cloud green seven quiet lamp orange paper window music bright north".split()
+_WORDS = (
+    "apple river stone cloud green seven quiet lamp orange paper window music bright north".split()
+)
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -39,7 +41,9 @@ def preference_rows(n: int = 32, *, seed: int = 0) -> list[dict]:
         rows.append(
             {
                 "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": f"<response>{q.split()[0]}</response>"}],
+                "chosen": [
+                    {"role": "assistant", "content": f"<response>{q.split()[0]}</response>"}
+                ],
                 "rejected": [{"role": "assistant", "content": _sentence(rng, 3)}],
             }
         )
@@ -59,8 +63,18 @@ def weighted_rows(n: int = 16, *, seed: int = 0) -> list[dict]:
                     {
                         "role": "assistant",
                         "content": [
-                            {"type": "text", "text": _sentence(rng, 2), "weight": -1, "tag": "minimize"},
-                            {"type": "text", "text": f" <response>{q.split()[0]}</response>", "weight": 1, "tag": "maximize"},
+                            {
+                                "type": "text",
+                                "text": _sentence(rng, 2),
+                                "weight": -1,
+                                "tag": "minimize",
+                            },
+                            {
+                                "type": "text",
+                                "text": f" <response>{q.split()[0]}</response>",
+                                "weight": 1,
+                                "tag": "maximize",
+                            },
                         ],
                     },
                 ]

@@ -22,7 +22,9 @@ def fill_name(template: str, params: dict[str, Any]) -> str:
     """Fill `{model_name}`, `{org_id}` (HF_ORG / HF_USER when set) and `{<string param>}`;
     `{job_id}` (and `{org_id}` when no HF org is set) are left for the server."""
     values = {k: v for k, v in params.items() if isinstance(v, str) and k != "finetuned_model_id"}
-    values.update({k: str(v) for k, v in (params.get("model_naming_extra_parameters") or {}).items()})
+    values.update(
+        {k: str(v) for k, v in (params.get("model_naming_extra_parameters") or {}).items()}
+    )
     values["model_name"] = params["model"].rstrip("/").split("/")[-1]
     hf_org = os.environ.get("HF_ORG") or os.environ.get("HF_USER")
     if hf_org:

@@ -32,7 +32,11 @@ class EventBatcher:
 
     def log(self, data: dict, *, now: bool = False) -> None:
         self.buffer.append(data)
-        if now or len(self.buffer) >= self.max_events or time.monotonic() - self.last >= self.flush_s:
+        if (
+            now
+            or len(self.buffer) >= self.max_events
+            or time.monotonic() - self.last >= self.flush_s
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -66,7 +70,9 @@ def sft_dataset(rows: list[dict], tokenizer: Any, responses_only: bool):
     for m in messages:
         msgs = m["messages"]
         if msgs[-1]["role"] != "assistant":
-            raise ValueError("train_on_responses_only needs conversations that end with an assistant turn")
+            raise ValueError(
+                "train_on_responses_only needs conversations that end with an assistant turn"
+            )
         split.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     return Dataset.from_list(split), False
 
@@ -86,7 +92,14 @@ def preference_dataset(rows: list[dict]):
     from datasets import Dataset
 
     return Dataset.from_list(
-        [{"prompt": _plain(r["prompt"]), "chosen": _plain(r["chosen"]), "rejected": _plain(r["rejected"])} for r in rows]
+        [
+            {
+                "prompt": _plain(r["prompt"]),
+                "chosen": _plain(r["chosen"]),
+                "rejected": _plain(r["rejected"]),
+            }
+            for r in rows
+        ]
     )
 
 
@@ -101,7 +114,9 @@ def optimizer_name(requested: str, cuda: bool) -> tuple[str, str | None]:
             except ImportError:
                 pass
         return "adamw_torch", "adamw_8bit needs bitsandbytes on CUDA: using adamw_torch"
-    return {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd"}.get(requested, requested), None
+    return {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd"}.get(
+        requested, requested
+    ), None
 
 
 def make_callback(events: EventBatcher, cfg: TrainingConfig):
@@ -131,7 +146,9 @@ def make_callback(events: EventBatcher, cfg: TrainingConfig):
                     data["eta_s"] = elapsed / step * max(total - step, 0)
                 if not math.isfinite(float(logs["loss"])):
                     events.log({**data, "error": "loss is not finite"}, now=True)
-                    raise FloatingPointError(f"training diverged: loss is {logs['loss']} at step {step}")
+                    raise FloatingPointError(
+                        f"training diverged: loss is {logs['loss']} at step {step}"
+                    )
             elif any(k.startswith("eval_") for k in logs):
                 data["type"] = "eval"
             events.log(data)
@@ -149,12 +166,19 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
     device = "cuda" if cuda else "cpu"
     optim, note = optimizer_name(cfg.optim, cuda)
     events.log(
-        {"type": "engine", "device": device, "dtype": str(dtype).removeprefix("torch."), "optim": optim,
-         "note": note or ("CPU: training in float32" if not cuda else None)},
+        {
+            "type": "engine",
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+            "optim": optim,
+            "note": note or ("CPU: training in float32" if not cuda else None),
+        },
         now=True,
     )
     if cfg.load_in_4bit and not cuda:
-        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit=False on CPU")
+        raise RuntimeError(
+            "load_in_4bit needs a CUDA GPU (bitsandbytes); set load_in_4bit=False on CPU"
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if cfg.chat_template != "default":
@@ -165,7 +189,9 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=dtype
+        )
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **model_kwargs)
 
     peft_config = None
@@ -179,7 +205,9 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
             use_rslora=cfg.use_rslora,
             task_type="CAUSAL_LM",
         )
-    eval_steps = cfg.test_file_eval_steps or (cfg.eval_every_n_steps if isinstance(cfg.eval_every_n_steps, int) else None)
+    eval_steps = cfg.test_file_eval_steps or (
+        cfg.eval_every_n_steps if isinstance(cfg.eval_every_n_steps, int) else None
+    )
     common = dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.epochs,
@@ -205,7 +233,9 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
     )
     eval_dataset = None
     if cfg.test_file:
-        eval_dataset, _ = sft_dataset(load_rows(ow, cfg.test_file), tokenizer, cfg.train_on_responses_only)
+        eval_dataset, _ = sft_dataset(
+            load_rows(ow, cfg.test_file), tokenizer, cfg.train_on_responses_only
+        )
         common["eval_strategy"] = "steps" if eval_steps else cfg.test_file_eval_strategy
         if eval_steps:
             common["eval_steps"] = eval_steps
@@ -217,11 +247,19 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
 
         dataset, assistant_only = sft_dataset(rows, tokenizer, cfg.train_on_responses_only)
         args = SFTConfig(
-            **common, max_length=cfg.max_seq_length, packing=cfg.packing, assistant_only_loss=assistant_only
+            **common,
+            max_length=cfg.max_seq_length,
+            packing=cfg.packing,
+            assistant_only_loss=assistant_only,
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
         )
     elif cfg.loss == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -229,8 +267,12 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
         common.pop("eval_strategy", None), common.pop("eval_steps", None)
         args = DPOConfig(**common, beta=cfg.beta, max_length=cfg.max_seq_length)
         trainer = DPOTrainer(
-            model=model, args=args, train_dataset=preference_dataset(rows),
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
         )
     else:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -238,8 +280,12 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
         common.pop("eval_strategy", None), common.pop("eval_steps", None)
         args = ORPOConfig(**common, beta=cfg.beta, max_length=cfg.max_seq_length)
         trainer = ORPOTrainer(
-            model=model, args=args, train_dataset=preference_dataset(rows),
-            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+            model=model,
+            args=args,
+            train_dataset=preference_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[callback],
         )
 
     result = trainer.train()
@@ -247,8 +293,11 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher) -> dict:
     adapter_dir = UPLOADS / ("adapter" if cfg.is_peft else "model")
     trainer.save_model(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
-    out: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step,
-                           "adapter_dir" if cfg.is_peft else "model_dir": adapter_dir.as_posix()}
+    out: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "global_step": result.global_step,
+        "adapter_dir" if cfg.is_peft else "model_dir": adapter_dir.as_posix(),
+    }
     if cfg.is_peft and cfg.merge_before_push:
         merged = trainer.model.merge_and_unload()
         merged_dir = UPLOADS / "merged"
@@ -271,8 +320,14 @@ def main() -> int:
         out = train(cfg, ow, events)
     finally:
         events.flush()
-    ow.run.log({"type": "result", "finetuned_model_id": cfg.finetuned_model_id,
-                "train_seconds": round(time.monotonic() - t0, 3), **out})
+    ow.run.log(
+        {
+            "type": "result",
+            "finetuned_model_id": cfg.finetuned_model_id,
+            "train_seconds": round(time.monotonic() - t0, 3),
+            **out,
+        }
+    )
     print(f"fine-tuned {cfg.model} → {cfg.finetuned_model_id}: {json.dumps(out)}", flush=True)
     return 0
 

@@ -6,7 +6,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 class SamplingCallback(BaseModel):
@@ -28,7 +36,9 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Hub id, local path, or a model made by an earlier fine-tune.")
-    training_file: str = Field(description="File id: conversations (sft) or preference (dpo, orpo).")
+    training_file: str = Field(
+        description="File id: conversations (sft) or preference (dpo, orpo)."
+    )
     test_file: str | None = Field(default=None, description="Conversations file for eval loss.")
     loss: Literal["sft", "dpo", "orpo"]
     chat_template: str = Field(default="default", description='"default": the tokenizer\'s own.')
@@ -98,7 +108,11 @@ class TrainingConfig(BaseModel):
                 f"training_file: loss={self.loss!r} needs a {want!r} file, got a {purpose!r} file "
                 f"({self.training_file}); upload it with purpose={want!r}."
             )
-        if self.test_file and ":file-" in self.test_file and not self.test_file.startswith("conversations:"):
+        if (
+            self.test_file
+            and ":file-" in self.test_file
+            and not self.test_file.startswith("conversations:")
+        ):
             raise ValueError("test_file: must be a 'conversations' file.")
         if self.load_in_4bit and self.logp_callback_datasets:
             raise ValueError("logp_callback_datasets: not supported together with load_in_4bit.")

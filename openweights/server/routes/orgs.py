@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
+from openweights.server.env_cache import secrets_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import orgs
 from openweights.store.errors import Forbidden, Invalid
@@ -97,11 +98,14 @@ async def revoke_token(
     require(p, "user")
     state = request.app.state.ow
 
+    key = f"auth:token:{token_id}"
+
     def work():
         with state.db.write() as conn:
             row = orgs.revoke_token(conn, p.org_id, token_id, state.db.now(conn))
-            state.revoked(conn, f"auth:token:{token_id}")
-            return row
+            state.publish(conn, key)
+        state.committed(key)  # drop the cached token now
+        return row
 
     return convert.token(await state.call(work))
 
@@ -135,10 +139,14 @@ async def _set(request: Request, p: Principal, values: dict[str, str]) -> list[d
     for name in values:
         _check_name(name)
     state = request.app.state.ow
+    key = secrets_key(p.org_id)
 
     def work():
         with state.db.write() as conn:
-            return orgs.set_secrets(conn, p.org_id, values, state.box, state.db.now(conn))
+            rows = orgs.set_secrets(conn, p.org_id, values, state.box, state.db.now(conn))
+            state.publish(conn, key)
+        state.committed(key)  # the next claim reads the new secrets
+        return rows
 
     return await state.call(work)
 
@@ -164,9 +172,13 @@ async def delete_secret(
 ) -> t.SecretObject:
     require(p, "user")
     state = request.app.state.ow
+    key = secrets_key(p.org_id)
 
     def work():
         with state.db.write() as conn:
-            return orgs.delete_secret(conn, p.org_id, name)
+            row = orgs.delete_secret(conn, p.org_id, name)
+            state.publish(conn, key)
+        state.committed(key)  # the next claim no longer gets it
+        return row
 
     return t.SecretObject(**(await state.call(work)))

@@ -8,7 +8,6 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from openweights import types as t
 from openweights.server import convert
@@ -17,9 +16,7 @@ from openweights.server.notify import job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store import jobs as q
-from openweights.store import orgs
-from openweights.store import schema as s
-from openweights.store.errors import Fenced, Forbidden, Invalid
+from openweights.store.errors import Fenced, Invalid
 from openweights.store.orgs import Principal
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
@@ -28,17 +25,8 @@ MAX_LOG_CHUNK = 8 << 20
 
 def _worker_for(conn, p: Principal, worker_id: str) -> dict:
     worker = q.get_worker(conn, p.org_id, worker_id)
-    if p.kind == "worker" and worker["token_id"] != p.token_id:
-        raise Forbidden(f"Worker {worker_id!r} was registered with another token.")
+    q.check_worker_caller(worker, p)
     return worker
-
-
-def _check_run_caller(conn, p: Principal, run: dict) -> None:
-    """Workers speak only for their own runs; a job's token only for its own run."""
-    if p.kind == "run" and p.run_id != run["id"]:
-        raise Forbidden("A job's token may only write to its own run.")
-    if p.kind == "worker" and run["worker_id"]:
-        _worker_for(conn, p, run["worker_id"])
 
 
 # -- workers ---------------------------------------------------------------------------------
@@ -112,23 +100,22 @@ async def claim(
     org_key = queue_key(p.org_id)
 
     def attempt():
+        # One write transaction of 6 statements (+1 NOTIFY on PostgreSQL): check in the worker
+        # (touch + read), scan candidates, take one (run insert), start the job, mark the worker
+        # busy, mint the run token; the org's secrets come from the cache.
         with state.db.write() as conn:
-            worker = _worker_for(conn, p, worker_id)
             now = state.db.now(conn)
-            q.touch_worker(conn, worker_id, now)
-            c = q.claim(conn, worker, now, lease_s, skip_locked=not state.db.is_sqlite)
+            worker = q.checkin_worker(conn, p.org_id, worker_id, now)
+            q.check_worker_caller(worker, p)
+            c = q.claim(conn, worker, now, lease_s)
             if c is None:
                 return None
-            env = orgs.secret_env(conn, p.org_id, state.box)
+            env = state.secret_env(conn, p.org_id)
             state.publish(conn, job_key(p.org_id, c.job["id"]))
-            c.run["job_id"] = c.job["id"]
-            return t.ClaimResponse(
-                run=convert.run(c.run),
-                job=convert.job(c.job),
-                token=c.token,
-                env=env,
-                lease_s=lease_s,
-            )
+        # built after the commit: the write lock is not held for it
+        return t.ClaimResponse(
+            run=convert.run(c.run), job=convert.job(c.job), token=c.token, env=env, lease_s=lease_s
+        )
 
     while True:
         ev = state.notifier.event(org_key)
@@ -142,6 +129,8 @@ async def claim(
             return Response(status_code=204)
         # Woken by a new or requeued job; the slice bounds how stale a missed wake-up can be.
         await state.notifier.wait_any([ev, stop_ev], min(remaining, 10.0))
+        if await request.is_disconnected():  # a worker that died while parked takes no job
+            return Response(status_code=204)
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -172,10 +161,8 @@ async def heartbeat(
 
     def renew():
         with state.db.write() as conn:
-            run = q.get_run(conn, p.org_id, run_id)
-            _check_run_caller(conn, p, run)
             return q.heartbeat(
-                conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None
+                conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None, caller=p
             )
 
     lease, cancel = await state.call(renew)
@@ -185,15 +172,13 @@ async def heartbeat(
 
     def check():
         with state.db.read() as conn:
-            run = q.get_run(conn, p.org_id, run_id)
-            job = conn.execute(
-                select(s.jobs.c.status).where(s.jobs.c.pk == run["job_pk"])
-            ).scalar_one()
-            return job == "canceled", run["status"]
+            status, job_status = q.run_status(conn, p.org_id, run_id)
+            return job_status == "canceled", status
 
     cancel, status = await state.call(check)
-    if status != "in_progress":
+    if status == "lost":
         raise Fenced(f"Run {run_id} is {status}; stop it.")
+    # a run its own worker just completed while this heartbeat was parked: nothing to stop
     return t.HeartbeatResponse(cancel=cancel, lease_expires_at=lease)
 
 
@@ -212,10 +197,8 @@ async def append_log(
 
     def work():
         with state.db.write() as conn:
-            run = q.get_run(conn, p.org_id, run_id)
-            _check_run_caller(conn, p, run)
             return q.append_log(
-                conn, p.org_id, run_id, offset, bytes(data), state.db.now(conn), None
+                conn, p.org_id, run_id, offset, bytes(data), state.db.now(conn), None, caller=p
             )
 
     size = await state.call(work)
@@ -287,10 +270,8 @@ async def add_events(
 
     def work():
         with state.db.write() as conn:
-            run = q.get_run(conn, p.org_id, run_id)
-            _check_run_caller(conn, p, run)
             now = state.db.now(conn)
-            run, _job = q.live_run(conn, p.org_id, run_id, now)
+            run, _job = q.live_run(conn, p.org_id, run_id, now, caller=p)
             return q.add_events(conn, run, body.events, now)
 
     n = await state.call(work)
@@ -328,67 +309,104 @@ async def complete_run(
     require(p, "user", "worker")
     state = request.app.state.ow
 
+    def finish(conn, run: dict, job: dict, now: float, sha: str, size: int) -> list[str]:
+        log_file = fstore.add_file_once(
+            conn,
+            org_id=p.org_id,
+            purpose="log",
+            filename=f"run-{run_id}.log",
+            size=size,
+            sha256=sha,
+            now=now,
+        )
+        q.finish_run(
+            conn,
+            run,
+            job,
+            status=body.status,
+            now=now,
+            exit_code=body.exit_code,
+            error=body.error,
+            log_file=log_file,
+        )
+        if run["log_size"]:
+            q.delete_log_chunks(conn, run_id)
+        keys = [
+            job_key(p.org_id, job["id"]),
+            run_key(run_id),
+            queue_key(p.org_id),
+            f"auth:run:{run_id}",  # the job's token stops working
+        ]
+        state.publish(conn, *keys)
+        return keys
+
+    def live(conn, now: float) -> tuple[dict, dict | None]:
+        """The locked run and job; no job when the run ended already with this same status
+        (a resend: answered the same)."""
+        run, job = q.lock_run(conn, p.org_id, run_id)
+        q.check_run_caller(run, p)
+        if run["status"] != "in_progress":
+            if run["status"] == body.status:
+                return run, None
+            raise Fenced(f"Run {run_id} is already {run['status']}.")
+        # Still the live run (no other attempt exists) even if its lease just lapsed and the
+        # sweeper has not seen it yet: accepting it cannot give the job a second completion.
+        q.check_live(run, job, now, check_lease=False)
+        return run, job
+
     def work():
-        with state.db.read() as conn:
-            run = q.get_run(conn, p.org_id, run_id)
-            _check_run_caller(conn, p, run)
-            if run["status"] != "in_progress":
-                if run["status"] == body.status:
-                    return run, None
-                raise Fenced(f"Run {run_id} is already {run['status']}.")
-            sha, size = _store_log(state, conn, run_id)
+        # Most runs of short jobs have no log: one write transaction. A log is first written to
+        # the blob store outside any write transaction, which then stays short.
         with state.db.write() as conn:
             now = state.db.now(conn)
-            # Still the live run (no other attempt exists) even if its lease just lapsed and the
-            # sweeper has not seen it yet: accepting it cannot give the job a second completion.
-            run, job = q.live_run(conn, p.org_id, run_id, now, check_lease=False)
-            log = fstore.add_file(
-                conn,
-                org_id=p.org_id,
-                purpose="log",
-                filename=f"run-{run_id}.log",
-                size=size,
-                sha256=sha,
-                now=now,
-            )
-            q.finish_run(
-                conn,
-                run,
-                job,
-                status=body.status,
-                now=now,
-                exit_code=body.exit_code,
-                error=body.error,
-                log_file=log["id"],
-            )
-            q.delete_log_chunks(conn, run_id)
-            state.revoked(conn, f"auth:run:{run_id}")
-            state.publish(conn, job_key(p.org_id, job["id"]), run_key(run_id), queue_key(p.org_id))
-            return run, job
+            run, job = live(conn, now)
+            if job is None:
+                return run, []
+            if not run["log_size"]:
+                return run, finish(conn, run, job, now, _empty_log(state), 0)
+        for attempt in range(3):
+            with state.db.read() as conn:
+                sha, size = _store_log(state, conn, run_id)
+            with state.db.write() as conn:
+                now = state.db.now(conn)
+                run, job = live(conn, now)
+                if job is None:
+                    return run, []
+                if run["log_size"] == size or attempt == 2:
+                    return run, finish(conn, run, job, now, sha, size)
+            # log bytes arrived after the blob was written: write it again
+        raise AssertionError("unreachable: the last attempt finishes the run")
 
-    run, job = await state.call(work)
-    if job is not None:
-        state.notifier.notify(
-            job_key(p.org_id, job["id"]), run_key(run_id), f"log:{run_id}", queue_key(p.org_id)
-        )
+    run, keys = await state.call(work)
+    if keys:
+        state.notifier.notify(*keys, f"log:{run_id}")
     return convert.run(run)
 
 
+def _empty_log(state) -> str:
+    """sha256 of the empty log, its blob stored once per server process."""
+    sha = hashlib.sha256().hexdigest()
+    if sha not in state.known_blobs:
+        if not state.blobs.exists(sha):
+            import tempfile
+            from pathlib import Path
+
+            empty = Path(tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")[1])
+            state.blobs.put_file(sha, empty)
+            empty.unlink(missing_ok=True)
+        state.known_blobs.add(sha)
+    return sha
+
+
 def _store_log(state, conn, run_id: int) -> tuple[str, int]:
-    """Write the run's log chunks as one blob; return (sha256, size). Runs before the final
-    write transaction so that transaction stays short."""
+    """Write the run's log chunks as one blob; return (sha256, size)."""
     import tempfile
     from pathlib import Path
 
     h = hashlib.sha256()
     chunks = q.read_log_chunks(conn, run_id, 0)
     if not chunks:
-        sha = h.hexdigest()
-        if not state.blobs.exists(sha):
-            empty = Path(tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")[1])
-            state.blobs.put_file(sha, empty)
-            empty.unlink(missing_ok=True)
-        return sha, 0
+        return _empty_log(state), 0
     fd, name = tempfile.mkstemp(dir=state.tmp_dir, prefix="log-")
     path = Path(name)
     n = 0
