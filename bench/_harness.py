@@ -12,23 +12,19 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests._infra import MotoS3, PostgresCluster, free_port  # noqa: E402
+from openweights.testing.server import ServerProcess, clean_env  # noqa: E402
+from tests._infra import MotoS3, PostgresCluster  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -114,70 +110,14 @@ def machine() -> dict:
 # -- the server ------------------------------------------------------------------------------
 
 
-def base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENWEIGHTS_")}
-    env.update(OPENWEIGHTS_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
+base_env = clean_env
 
 
-@dataclass
-class Server:
-    home: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout_s: float = 60) -> Server:
-        log = open(self.home / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openweights.server", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=1, trust_env=False) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("server exited:\n" + self.log_tail())
-                try:
-                    if http.get(f"{self.url}/health").status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("server did not answer /health in time:\n" + self.log_tail())
-
-    def log_tail(self, n: int = 3000) -> str:
-        try:
-            return (self.home / "server.log").read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+class Server(ServerProcess):
+    """The benchmark's server process (see `openweights.testing.server`)."""
 
     def signup(self, name: str = "bench") -> str:
-        r = httpx.post(f"{self.url}/v1/signup", json={"org_name": name}, trust_env=False)
-        r.raise_for_status()
-        return r.json()["token"]["token"]
+        return super().signup(name)
 
 
 @dataclass

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests._infra import MotoS3, PostgresCluster, free_port
+from openweights.testing.server import ServerProcess, clean_env
+from tests._infra import MotoS3, PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_S = 3.0
@@ -32,59 +32,11 @@ def wait_until(cond, timeout_s: float = 30.0, what: str = "condition", interval_
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENWEIGHTS_")}
-    env.update(OPENWEIGHTS_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
+base_env = clean_env
 
 
-@dataclass
-class Server:
-    home: Path
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        log = open(self.home / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openweights.server", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    "server exited:\n" + (self.home / "server.log").read_text()[-3000:]
-                )
-            try:
-                return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "server health")
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def signup(self, name: str = "lab") -> str:
-        r = httpx.post(f"{self.url}/v1/signup", json={"org_name": name})
-        r.raise_for_status()
-        return r.json()["token"]["token"]
+class Server(ServerProcess):
+    """The test suite's server process (see `openweights.testing.server`)."""
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +69,9 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp(f"server-{request.param}")
-    srv = Server(home=home, env=_server_env(request, request.param, home)).start()
-    srv.backend = request.param
+    srv = Server(
+        home=home, env=_server_env(request, request.param, home), backend=request.param
+    ).start()
     yield srv
     srv.stop()
 
@@ -132,7 +85,7 @@ def server_factory(request, tmp_path_factory):
         home = tmp_path_factory.mktemp(f"server-{backend}")
         e = _server_env(request, backend, home)
         e.update({k: str(v) for k, v in env.items()})
-        srv = Server(home=home, env=e).start()
+        srv = Server(home=home, env=e, backend=backend).start()
         made.append(srv)
         return srv
 
@@ -207,3 +160,21 @@ def start_worker(tmp_path) -> Iterator:
             except ProcessLookupError:
                 pass
             w.proc.wait()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request, tmp_path):
+    """A migrated store database, in-process, on each back end."""
+    from openweights.store.db import Database
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    if request.param == "postgres":
+        url = (
+            request.getfixturevalue("pg")
+            .create_database()
+            .replace("postgresql://", "postgresql+psycopg://")
+        )
+    d = Database(url)
+    d.migrate()
+    yield d
+    d.dispose()

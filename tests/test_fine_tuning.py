@@ -17,7 +17,6 @@ def server(tmp_path_factory, request):
 
     home = tmp_path_factory.mktemp("server-ft")
     srv = Server(home=home, env=_server_env(request, "sqlite", home)).start()
-    srv.backend = "sqlite"
     yield srv
     srv.stop()
 

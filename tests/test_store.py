@@ -9,23 +9,7 @@ from openweights import types as t
 from openweights.store import jobs as q
 from openweights.store import orgs
 from openweights.store.crypto import SecretBox
-from openweights.store.db import Database
 from openweights.store.schema import metadata
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    if request.param == "postgres":
-        url = (
-            request.getfixturevalue("pg")
-            .create_database()
-            .replace("postgresql://", "postgresql+psycopg://")
-        )
-    d = Database(url)
-    d.migrate()
-    yield d
-    d.dispose()
 
 
 def test_migrations_build_exactly_the_declared_schema(db):

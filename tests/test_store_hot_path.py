@@ -18,21 +18,6 @@ from openweights.store.orgs import Principal
 from tests.conftest import wait_until
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    if request.param == "postgres":
-        url = (
-            request.getfixturevalue("pg")
-            .create_database()
-            .replace("postgresql://", "postgresql+psycopg://")
-        )
-    d = Database(url)
-    d.migrate()
-    yield d
-    d.dispose()
-
-
 def _org(db: Database, now: float = 1000.0) -> str:
     with db.write() as conn:
         return orgs.create_org(conn, "o", now)["id"]
