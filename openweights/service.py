@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,7 @@ class _WorkerPool:
     def __init__(self, url: str, token: str, size: int, home: Path) -> None:
         self.url, self.token, self.size, self.home = url, token, size, home
         self.procs: list[subprocess.Popen | None] = [None] * size
-        self.stopping = False
+        self._stop = threading.Event()
 
     def _spawn(self, i: int) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHTS_API_KEY",)}
@@ -265,21 +266,34 @@ class _WorkerPool:
         )
 
     def run(self) -> None:
-        backoff = [0.0] * self.size
-        while not self.stopping:
-            for i, proc in enumerate(self.procs):
-                if self.stopping:
-                    break
-                if proc is None or proc.poll() is not None:
-                    if proc is not None:
-                        backoff[i] = min(max(backoff[i] * 2, 1.0), 30.0)
-                        time.sleep(backoff[i])
-                    if not self.stopping:
-                        self.procs[i] = self._spawn(i)
-            time.sleep(0.5)
+        """One supervising thread per slot, each blocked on its process until it exits."""
+        import threading
+
+        for i in range(self.size):
+            threading.Thread(
+                target=self._supervise, args=(i,), daemon=True, name=f"pool-{i}"
+            ).start()
+
+    def _supervise(self, i: int) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            proc = self.procs[i] = self._spawn(i)
+            if self._stop.is_set():  # stop() ran while it was starting
+                proc.terminate()
+            proc.wait()
+            if time.monotonic() - started > 60:
+                backoff = 0.0  # it ran fine for a while: restart at once
+            else:
+                backoff = min(max(backoff * 2, 1.0), 30.0)  # crashing at start: don't spin
+            self._stop.wait(backoff)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        self.stopping = True
+        self._stop.set()
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
                 proc.terminate()
