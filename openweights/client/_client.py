@@ -18,6 +18,7 @@ from openweights.client.custom_job import Jobs, lookup_kind, registered_kinds
 from openweights.client.events import AsyncEvents, Events
 from openweights.client.files import AsyncFiles, Files
 from openweights.client.jobs import AsyncJobsResource, JobsResource
+from openweights.client.models import AsyncModels, Models
 from openweights.client.runs import AsyncRunLogger, AsyncRuns, RunLogger, Runs, outside_job_error
 from openweights.client.secrets import AsyncSecrets, Secrets
 from openweights.client.tokens import AsyncTokens, Tokens
@@ -143,6 +144,7 @@ class OpenWeights(_ClientBase):
         self.tokens = Tokens(self)
         self.secrets = Secrets(self)
         self.workers = Workers(self)
+        self.models = Models(self)
 
     @property
     def run(self) -> RunLogger:
@@ -193,6 +195,7 @@ class AsyncOpenWeights(_ClientBase):
         self.tokens = AsyncTokens(self)
         self.secrets = AsyncSecrets(self)
         self.workers = AsyncWorkers(self)
+        self.models = AsyncModels(self)
 
     @property
     def run(self) -> AsyncRunLogger:

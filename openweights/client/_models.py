@@ -12,9 +12,16 @@ from typing import Any
 
 from pydantic import ConfigDict
 
-from openweights.types import FileObject, RunObject, SecretObject, TokenObject, WorkerObject
+from openweights.types import (
+    FileObject,
+    ModelObject,
+    RunObject,
+    SecretObject,
+    TokenObject,
+    WorkerObject,
+)
 
-__all__ = ["File", "ItemAccess", "Run", "Secret", "Token", "Worker", "format_time"]
+__all__ = ["File", "ItemAccess", "Model", "Run", "Secret", "Token", "Worker", "format_time"]
 
 
 class ItemAccess:
@@ -68,6 +75,18 @@ class Run(ItemAccess, RunObject):
         return (
             f"Run(id={self.id}, job_id={self.job_id!r}, attempt={self.attempt}, "
             f"status={self.status!r}, log_file={self.log_file!r})"
+        )
+
+
+class Model(ItemAccess, ModelObject):
+    """A registered model: `model.id` (its name), `model.kind`, `model.base_model`, `model.checkpoints`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def __repr__(self) -> str:
+        return (
+            f"Model(id={self.id!r}, kind={self.kind!r}, base_model={self.base_model!r}, "
+            f"job_id={self.job_id!r}, checkpoints={len(self.checkpoints)})"
         )
 
 

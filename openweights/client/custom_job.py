@@ -87,6 +87,9 @@ _RESERVED = frozenset(
         "tokens",
         "secrets",
         "workers",
+        "models",
+        "api",
+        "chat",
         "settings",
         "base_url",
         "api_key",
@@ -97,7 +100,13 @@ _RESERVED = frozenset(
 
 #: Built-in kinds, imported on first use (`ow.fine_tuning` imports its module, which registers
 #: the kind): attribute → module under `openweights.jobs`. Each module calls `@register(name)`.
-BUILTIN_KINDS: dict[str, str] = {"fine_tuning": "openweights.jobs.fine_tuning"}
+BUILTIN_KINDS: dict[str, str] = {
+    "fine_tuning": "openweights.jobs.fine_tuning",
+    "weighted_sft": "openweights.jobs.weighted_sft",
+    "logprob": "openweights.jobs.logprob",
+    "inference": "openweights.jobs.inference",
+    "inspect_ai": "openweights.jobs.inspect_ai",
+}
 
 _REGISTRY: dict[str, type[Jobs]] = {}
 

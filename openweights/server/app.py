@@ -188,9 +188,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "version": VERSION}
 
-    from openweights.server.routes import files, jobs, orgs, runs
+    from openweights.server.routes import files, jobs, models, orgs, runs
 
-    for module in (orgs, files, jobs, runs):
+    for module in (orgs, files, jobs, runs, models):
         app.include_router(module.router)
 
     def openapi() -> dict:

@@ -737,6 +737,10 @@ def finish_run(
             "error": values.get("error"),
         },
     )
+    if name == "job_completed":
+        from openweights.store.models import register_from_run
+
+        register_from_run(conn, run["org_id"], job["id"], run["id"], now)
     job.update(values)
     return run
 

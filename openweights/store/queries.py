@@ -241,6 +241,16 @@ VALUES (:org_id, :run_id, :job_pk, :data, :file, :now)
 INSERT INTO files (org_id, id, filename, purpose, bytes, sha256, created_at)
 VALUES (:org_id, :id, :filename, :purpose, :bytes, :sha256, :now)
 ON CONFLICT (org_id, id) DO NOTHING
+
+-- run_model_declarations --
+-- The models a completed run declared (`{"type": "model", ...}` events), for the registry.
+-- json: data
+SELECT data FROM events WHERE run_id = :run_id AND json_extract(data, '$.type') = 'model'
+
+-- run_model_declarations:postgresql --
+-- The models a completed run declared (`{"type": "model", ...}` events), for the registry.
+-- json: data
+SELECT data FROM events WHERE run_id = :run_id AND data->>'type' = 'model'
 """
 
 _HEADER = re.compile(r"^-- ([a-z_]+)(?::([a-z]+))? --$")

@@ -167,3 +167,22 @@ workers = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_workers_org", "org_id", "status"),
 )
+
+models = Table(
+    # Models that jobs produced (`finetuned_model_id`), registered when their run completes:
+    # `files` maps a path under the model's root (`config.json`, `checkpoint-10/adapter_model.safetensors`)
+    # to the file that holds it, so a worker rebuilds the directory from openweights' own storage.
+    "models",
+    metadata,
+    Column("org_id", String(64), ForeignKey("orgs.id"), primary_key=True),
+    Column("name", String(500), primary_key=True),
+    Column("kind", String(16), nullable=False),  # full | adapter
+    Column("base_model", String(500), nullable=True),
+    Column("job_id", String(200), nullable=True),
+    Column("run_id", BigId, nullable=True),
+    Column("files", Json, nullable=False),
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_models_org_updated", "org_id", "updated_at"),
+)

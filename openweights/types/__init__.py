@@ -1,6 +1,7 @@
 """Wire models shared by the server and the SDK: one definition per request and response."""
 
 from openweights.types.common import ErrorBody, ErrorResponse, Page
+from openweights.types.models import ModelList, ModelObject
 from openweights.types.files import FileCheckRequest, FileCheckResponse, FileObject, Purpose
 from openweights.types.jobs import (
     TERMINAL_STATUSES,
@@ -38,6 +39,8 @@ from openweights.types.runs import (
 )
 
 __all__ = [
+    "ModelList",
+    "ModelObject",
     "TERMINAL_STATUSES",
     "ClaimRequest",
     "ClaimResponse",
