@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -89,6 +91,24 @@ def test_completed_job_registers_its_model_and_jobs_load_it_by_name(
 
     with pytest.raises(Exception, match="no subfolder 'checkpoint-9'"):
         resolve_model(f"{name}/checkpoint-9", ow=ow)
+
+    # the CLI: names when piped, JSON for one, a download ready for from_pretrained
+    env = {**os.environ, "OPENWEIGHTS_URL": server.url, "OPENWEIGHTS_API_KEY": ow.api_key}
+    ls = subprocess.run(["ow", "models", "ls"], env=env, capture_output=True, text=True)
+    assert ls.returncode == 0 and ls.stdout.split() == [name], ls.stderr
+    show = subprocess.run(["ow", "models", "show", name], env=env, capture_output=True, text=True)
+    assert json.loads(show.stdout)["checkpoints"] == ["checkpoint-2"]
+    dl = subprocess.run(
+        ["ow", "models", "download", name, str(tmp_path / "cli")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert dl.returncode == 0 and (tmp_path / "cli" / "adapter_config.json").exists(), dl.stderr
+    missing = subprocess.run(
+        ["ow", "models", "show", "lab/nope"], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "lab/nope" in missing.stderr
 
 
 def test_failed_job_registers_nothing_and_other_orgs_see_nothing(

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from openweights.cli import _common, account, jobs, local
+from openweights.cli import _common, account, jobs, local, models
 
 DESCRIPTION = """\
 OpenWeights CLI: submit and manage jobs (fine-tuning, inference, custom) on an openweights
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     account.add_parsers(sub)
     jobs.add_parsers(sub)
     local.add_parsers(sub)
+    models.add_parsers(sub)
     return parser
 
 
