@@ -865,3 +865,18 @@ def test_sigterm_while_idle_exits_without_waiting_for_the_long_poll(
     finally:
         proc.kill()
     assert fake.shutdowns == 1
+
+
+def test_cached_models_lists_hub_cache_and_registry_models_jobs_fetched(tmp_path):
+    from openweights.worker.hardware import model_cache_dir, probe_cached_models
+
+    (tmp_path / "hf" / "hub" / "models--Qwen--Qwen3-4B").mkdir(parents=True)
+    cache = tmp_path / "home" / "models"
+    (cache / "abc123").mkdir(parents=True)
+    (cache / "abc123" / ".complete").write_text("lab/tiny-ft-ftjob-1")
+    (cache / ".partial-x").mkdir()  # an interrupted download is not a cached model
+    env = {"HF_HOME": str(tmp_path / "hf"), "OPENWEIGHTS_HOME": str(tmp_path / "home")}
+    assert model_cache_dir(env) == cache
+    assert probe_cached_models(env) == ["Qwen/Qwen3-4B", "lab/tiny-ft-ftjob-1"]
+    env["OPENWEIGHTS_MODEL_CACHE"] = str(tmp_path / "elsewhere")
+    assert probe_cached_models(env) == ["Qwen/Qwen3-4B"]

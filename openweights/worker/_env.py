@@ -47,8 +47,13 @@ def build_job_env(
     tokens = {t for t in worker_tokens if t}
     env = {k: v for k, v in base_env.items() if not _is_worker_secret(k, v, tokens)}
     env.update(claim.env)
+    from openweights.worker.hardware import model_cache_dir
+
     env.update(
         {
+            # registry models fetched by jobs are shared by this worker's jobs (and reported to
+            # the server as cached, so the scheduler can prefer a warm worker)
+            "OPENWEIGHTS_MODEL_CACHE": str(model_cache_dir(base_env)),
             "OPENWEIGHTS_URL": url,
             "OPENWEIGHTS_API_KEY": claim.token,
             "OPENWEIGHTS_RUN_ID": str(claim.run.id),

@@ -22,6 +22,7 @@ __all__ = [
     "gpu_short_name",
     "parse_nvidia_smi",
     "probe",
+    "model_cache_dir",
     "probe_cached_models",
     "probe_hardware",
 ]
@@ -225,5 +226,23 @@ def probe_cached_models(environ: Mapping[str, str] | None = None, *, limit: int 
     try:
         names = sorted(p.name for p in hub.iterdir() if p.name.startswith("models--"))
     except OSError:
-        return []
-    return [n[len("models--") :].replace("--", "/") for n in names[:limit]]
+        names = []
+    found = [n[len("models--") :].replace("--", "/") for n in names[:limit]]
+    # models of the openweights registry that jobs on this machine already fetched
+    for marker in sorted(model_cache_dir(env).glob("*/.complete"))[: max(0, limit - len(found))]:
+        try:
+            name = marker.read_text().strip()
+        except OSError:
+            continue
+        if name and name not in found:
+            found.append(name)
+    return found
+
+
+def model_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where jobs on this machine keep registry models (`openweights.jobs.model_source`)."""
+    env = os.environ if environ is None else environ
+    if env.get("OPENWEIGHTS_MODEL_CACHE"):
+        return Path(env["OPENWEIGHTS_MODEL_CACHE"])
+    home = env.get("OPENWEIGHTS_HOME") or "~/.openweights"
+    return Path(home).expanduser() / "models"
