@@ -524,8 +524,16 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
                 db_url = db_url.replace("postgresql://", "postgresql+psycopg://", 1)
 
             log(f"{name}: HTTP floor")
+            cpu0 = cpu_seconds(srv.pid)
+            health = sequential_floor(srv.url, "/health", None, args.floor_requests)
+            # server CPU per request (warm-up included): less sensitive to the machine's load
+            # than a rate, since other processes' load slows the floor and the queue alike only
+            # in wall time
+            health["server_cpu_ms_per_request"] = round(
+                1000 * (cpu_seconds(srv.pid) - cpu0) / (args.floor_requests + 50), 3
+            )
             res["floor"] = {
-                "health": sequential_floor(srv.url, "/health", None, args.floor_requests),
+                "health": health,
                 "me": sequential_floor(srv.url, "/v1/me", token, args.floor_requests),
                 "health_concurrent": {
                     str(w): concurrent_floor(srv.url, "/health", w, args.floor_duration)
@@ -559,6 +567,11 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
                 tp["ratio_requests_vs_health_rps_same_threads"] = ratio(
                     tp["api_requests_per_s"], floor_w
                 )
+                # a claim+complete pair is two requests: at the same server CPU per request as
+                # /health, this ratio is 1 (and claims/s would be 0.5 x the /health rate)
+                tp["ratio_pair_cpu_vs_two_health_requests"] = ratio(
+                    2 * health["server_cpu_ms_per_request"], tp["server_cpu_ms_per_pair"]
+                )
                 res["throughput"][str(w)] = tp
                 log(f"  {tp['claims_per_s']} claims/s, violations {tp['violations']['total']}")
                 lap(f"throughput_{w}")
@@ -589,6 +602,92 @@ def fmt(v, nd: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:,.{nd}f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def summary_of(r: dict) -> dict:
+    """The figures the targets are about, of one run."""
+    f, lat = r["floor"], r["claim_latency"]
+    out = {
+        "measured_at": r.get("measured_at"),
+        "loadavg_at_start": r.get("loadavg_at_start"),
+        "health_p50_ms": f["health"]["p50_ms"],
+        "health_req_per_s": f["health"]["req_per_s"],
+        "health_server_cpu_ms": f["health"].get("server_cpu_ms_per_request"),
+        "latency_p50_ms": lat["latency"]["p50_ms"],
+        "latency_p99_ms": lat["latency"]["p99_ms"],
+        "latency_ratio_p50": lat["ratio_p50_vs_health_p50"],
+        "raw_sql_claims_per_s": r["raw_sql"]["claims_per_s"],
+    }
+    for w, tp in r["throughput"].items():
+        out[f"claims_per_s_{w}"] = tp["claims_per_s"]
+        out[f"claims_ratio_{w}"] = tp["ratio_claims_vs_health_rps_1client"]
+        out[f"server_cpu_ms_per_pair_{w}"] = tp["server_cpu_ms_per_pair"]
+        out[f"cpu_ratio_{w}"] = tp.get("ratio_pair_cpu_vs_two_health_requests")
+        out[f"violations_{w}"] = tp["violations"]["total"]
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return fmt(med, 2)
+    return f"{fmt(med, 2)} [{fmt(min(values), 2)}–{fmt(max(values), 2)}]"
+
+
+def markdown_repeats(results: dict) -> str:
+    """Median [min–max] over the repeated runs of each backend."""
+    lines: list[str] = []
+    for name, r in results.get("backends", {}).items():
+        reps = r.get("repeats") or []
+        if len(reps) < 2:
+            continue
+        ws = [k.removeprefix("claims_per_s_") for k in reps[0] if k.startswith("claims_per_s_")]
+        lines.append(f"#### {name}: {len(reps)} runs, median [min–max]\n")
+        lines.append("| measure | value |")
+        lines.append("|---|---|")
+        rows = [
+            ("load average at start (1 min)", [x["loadavg_at_start"][0] for x in reps]),
+            ("`GET /health` p50 ms", [x["health_p50_ms"] for x in reps]),
+            ("`GET /health` req/s (1 client)", [x["health_req_per_s"] for x in reps]),
+            ("server CPU ms per `GET /health`", [x.get("health_server_cpu_ms") for x in reps]),
+            ("pending → claimed p50 ms", [x["latency_p50_ms"] for x in reps]),
+            ("pending → claimed p99 ms", [x["latency_p99_ms"] for x in reps]),
+            (
+                "**pending → claimed p50 ÷ health p50** (target ≤ 3)",
+                [x["latency_ratio_p50"] for x in reps],
+            ),
+        ]
+        for w in ws:
+            rows.append((f"claims/s, {w} worker(s)", [x[f"claims_per_s_{w}"] for x in reps]))
+            rows.append(
+                (
+                    f"**claims/s ÷ health req/s, {w} worker(s)** (target ≥ 0.5)",
+                    [x[f"claims_ratio_{w}"] for x in reps],
+                )
+            )
+            rows.append(
+                (
+                    f"2 × CPU of `/health` ÷ CPU of a claim+complete, {w} worker(s) (1 = parity)",
+                    [x.get(f"cpu_ratio_{w}") for x in reps],
+                )
+            )
+            rows.append(
+                (
+                    f"server CPU ms per claim+complete, {w} worker(s)",
+                    [x[f"server_cpu_ms_per_pair_{w}"] for x in reps],
+                )
+            )
+        rows.append(
+            ("raw SQL claims/s (in-process floor)", [x["raw_sql_claims_per_s"] for x in reps])
+        )
+        viol = sum(x[f"violations_{w}"] for x in reps for w in ws)
+        for label, vals in rows:
+            lines.append(f"| {label} | {_spread(vals)} |")
+        lines.append(f"| violations (all runs) | {viol} |\n")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
@@ -696,6 +795,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--floor-duration", type=float, default=1.5, help="seconds per concurrent floor"
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per backend (a fresh server each); medians and spread of the ratios are printed",
+    )
     ap.add_argument("--no-startup", action="store_true", help="skip the import / CLI timings")
     ap.add_argument("--startup-only", action="store_true", help="only the import / CLI timings")
     args = ap.parse_args(argv)
@@ -711,8 +816,14 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("backends", {})
     names = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     for name in [] if args.startup_only else names:
-        r = run_backend(name, args)
-        r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        repeats = []
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                log(f"{name}: run {i + 1} of {args.repeat}")
+            r = run_backend(name, args)
+            r["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            repeats.append(summary_of(r))
+        r["repeats"] = repeats  # the last run in full, every run in brief
         results["backends"][name] = r
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -722,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
+    print(markdown_repeats(results))
     return 0
 
 

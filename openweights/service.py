@@ -154,6 +154,7 @@ def status(settings: Settings | None = None) -> dict:
         "home": str(home),
         "running": running,
         "url": info.get("url") if running else None,
+        "dashboard": f"{info.get('url')}/dashboard/" if running else None,
         "pid": info.get("pid") if running else None,
         "log": str(_paths(home)["log"]),
     }
@@ -358,6 +359,7 @@ def run_service(settings: Settings | None = None) -> None:
         tmp.write_text(json.dumps(info))
         os.replace(tmp, p["service"])
         print(f"openweights service: {url} (home {home}, {pool.size} local worker(s))", flush=True)
+        print(f"openweights dashboard: {url}/dashboard/", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     try:

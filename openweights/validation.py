@@ -32,11 +32,14 @@ from openweights.types.files import VALIDATED_PURPOSES
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "TRAINING_USES",
     "FileValidationError",
     "JsonlValidator",
     "validate_bytes",
     "validate_fileobj",
     "validate_jsonl",
+    "training_row_problem",
+    "validate_training_lines",
 ]
 
 #: The longest row accepted, in bytes. Bounds memory: one row is held at a time.
@@ -430,3 +433,97 @@ def validate_bytes(data: bytes, purpose: str, *, filename: str) -> int:
     validator = JsonlValidator(purpose, filename=filename)
     validator.feed(data)
     return validator.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitness for training: what a file that passed its purpose's checks must also have for a use.
+
+#: Uses a training job puts a file to, and what each needs of a row.
+TRAINING_USES = ("sft", "weighted_sft", "preference")
+
+
+def _effective_weights(messages: list, responses_only: bool) -> list[float]:
+    out = []
+    for m in messages:
+        default = 1.0 if m.get("role") == "assistant" or not responses_only else 0.0
+        content = m.get("content")
+        if isinstance(content, list):
+            out += [float(b.get("weight", default)) for b in content if isinstance(b, dict)]
+        else:
+            out.append(default)
+    return out
+
+
+def training_row_problem(
+    row: dict, use: str, *, responses_only: bool = True
+) -> tuple[str, str] | None:
+    """(field, message) when a row that is valid for its purpose cannot be trained on for
+    `use`, else None."""
+    if use == "preference":
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                return key, f'required: a preference row needs "{key}"'
+        for key in ("chosen", "rejected"):
+            if not any(m.get("role") == "assistant" for m in row[key]):
+                return key, "needs an assistant message: the response to prefer or reject"
+        return None
+    messages = row.get("messages")
+    if messages is None:
+        if use == "sft" and isinstance(row.get("text"), str):
+            return None
+        return "messages", "required: a list of messages"
+    if use == "sft":
+        if responses_only and not any(m.get("role") == "assistant" for m in messages):
+            return (
+                "messages",
+                "no assistant message to train on (train_on_responses_only trains only on "
+                "assistant turns)",
+            )
+        return None
+    if use == "weighted_sft":
+        if not any(w != 0 for w in _effective_weights(messages, responses_only)):
+            return (
+                "messages",
+                "nothing to train on: every block has weight 0 (and no assistant message has "
+                "string content, which weighs 1)",
+            )
+        return None
+    raise ValueError(f"unknown training use {use!r}; one of {', '.join(TRAINING_USES)}")
+
+
+def validate_training_lines(
+    lines: Any, use: str, *, filename: str, responses_only: bool = True
+) -> int:
+    """Check rows (an iterable of JSON lines, str or bytes) for a training `use`; raises
+    `FileValidationError` with file, line and field for the first row that cannot be trained
+    on. Returns the number of rows."""
+    rows = 0
+    for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FileValidationError(filename, number, None, f"invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise FileValidationError(filename, number, None, "each line must be a JSON object")
+        problem = training_row_problem(row, use, responses_only=responses_only)
+        if problem is not None:
+            raise FileValidationError(filename, number, problem[0], problem[1])
+        rows += 1
+    if rows == 0:
+        raise FileValidationError(filename, None, None, "the file has no rows to train on")
+    return rows
+
+
+def iter_lines(chunks: Any) -> Any:
+    """Lines (bytes, without the newline) of a stream of byte chunks."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending

@@ -48,11 +48,19 @@ SMALL = dict(
 )
 
 
-def test_sft_lora_trains_logs_progress_and_stores_adapter_and_merged_model(
+def test_sft_lora_trains_logs_progress_samples_and_stores_adapter_and_merged_model(
     server, ow, trainer_worker, tiny_model, tmp_path
 ):
+    import json
+
     train = ow.files.upload(
         str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(32))), purpose="conversations"
+    )["id"]
+    prompts = conversations_rows(3, seed=5)
+    for row in prompts:
+        row["messages"] = row["messages"][:1]
+    prompts_file = ow.files.upload(
+        str(write_jsonl(tmp_path / "prompts.jsonl", prompts)), purpose="conversations"
     )["id"]
     test = ow.files.upload(
         str(write_jsonl(tmp_path / "test.jsonl", conversations_rows(8, seed=9))),
@@ -64,7 +72,10 @@ def test_sft_lora_trains_logs_progress_and_stores_adapter_and_merged_model(
         test_file=test,
         loss="sft",
         eval_every_n_steps=3,
-        **SMALL,
+        sampling_callbacks=[
+            {"dataset": prompts_file, "eval_steps": 4, "tag": "samples", "max_tokens": 6}
+        ],
+        **{**SMALL, "save_steps": 3},
     )
     assert job.id.startswith("ftjob-") and job.type == "fine-tuning"
     fid = job.params["validated_params"]["finetuned_model_id"]
@@ -81,10 +92,35 @@ def test_sft_lora_trains_logs_progress_and_stores_adapter_and_merged_model(
     engine = next(e for e in events if e.get("type") == "engine")
     assert engine["device"] == "cpu" and engine["dtype"] == "float32"
     assert job.outputs["finetuned_model_id"] == fid
+    # sampling: at step 4 and at the end, each a jsonl file with a completion per prompt
+    samples = [e for e in events if e.get("tag") == "samples"]
+    assert [e["step"] for e in samples] == [4, 6]
+    for e in samples:
+        rows = [json.loads(line) for line in ow.files.content(e["file"]).decode().splitlines()]
+        assert [r["messages"] for r in rows] == [p["messages"] for p in prompts]
+        assert all(isinstance(r["completion"], str) for r in rows)
+    # the model event is the job's last event: the server registers the model from it
+    own = [e for e in events if "path" not in e]
+    assert own[-1] == {
+        "type": "model",
+        "name": fid,
+        "base_model": str(tiny_model),
+        "prefix": "uploads/model",
+        "kind": "full",
+    }
     out = tmp_path / "out"
     job.download(str(out))
-    adapter = next(out.rglob("adapter_config.json")).parent
-    merged = next(p.parent for p in out.rglob("config.json") if "merged" in str(p))
+    merged = out / "uploads" / "model"
+    adapter = merged / "adapter"
+    assert (merged / "config.json").exists() and (adapter / "adapter_config.json").exists()
+    # checkpoints every save_steps, by TRL, under the model prefix
+    assert sorted(p.name for p in merged.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert (merged / "checkpoint-3" / "adapter_model.safetensors").exists()
+    assert len(list((out / "samples" / "samples").glob("step-*.jsonl"))) == 2
+    # adapters name a base that resolves anywhere, not a worker's cache
+    assert json.loads((adapter / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny_model)
 
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,8 +153,27 @@ def test_preference_file_for_sft_is_refused_at_create_naming_the_field(
         ow.fine_tuning.create(model=str(tiny_model), training_file=pref, loss="dpo", nonsense=1)
 
 
+@pytest.fixture
+def hub():
+    from tests.hf_hub_double import HubDouble
+
+    double = HubDouble().start()
+    yield double
+    double.stop()
+
+
 @pytest.mark.parametrize("loss", ["dpo", "orpo"])
-def test_preference_learning_trains(server, ow, trainer_worker, tiny_model, tmp_path, loss):
+def test_preference_learning_trains_and_pushes_to_the_hub_when_the_org_has_a_token(
+    server, ow, trainer_worker, tiny_model, tmp_path, loss, hub
+):
+    # the org's secrets reach the job: the model goes to the (local double of the) Hub too
+    for name, value in {
+        "HF_TOKEN": hub.token,
+        "HF_ORG": "lab",
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+    }.items():
+        ow.secrets.set(name, value)
     pref = ow.files.upload(
         str(write_jsonl(tmp_path / "p.jsonl", preference_rows(16))), purpose="preference"
     )["id"]
@@ -127,12 +182,200 @@ def test_preference_learning_trains(server, ow, trainer_worker, tiny_model, tmp_
         training_file=pref,
         loss=loss,
         merge_before_push=False,
-        **{**SMALL, "max_steps": 3},
+        **{**SMALL, "max_steps": 3, "save_steps": 2},
     )
     job.wait(timeout=600)
     log = ow.files.content(job.runs[-1].log_file).decode()
     assert job.status == "completed", log[-3000:]
-    progress = [
-        e["data"] for e in ow.events.list(job_id=job.id) if e["data"].get("type") == "progress"
-    ]
+    events = _events(ow, job)
+    progress = [e for e in events if e.get("type") == "progress"]
     assert len(progress) == 3 and all(isinstance(e["loss"], float) for e in progress)
+    fid = job.params["validated_params"]["finetuned_model_id"]
+    repo_id = "lab/" + fid.split("/", 1)[1]
+    pushed = next(e for e in events if e.get("type") == "hub")
+    assert pushed["repo"] == repo_id and "error" not in pushed, pushed
+    repo = hub.repos[repo_id]
+    assert repo.private
+    assert {"adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors"} <= set(
+        repo.files
+    )
+
+
+def _events(ow, job) -> list[dict]:
+    return [e["data"] for e in ow.events.list(job_id=job.id)]
+
+
+def test_a_registered_fine_tune_and_its_checkpoint_are_starting_points_by_name(
+    server, ow, trainer_worker, tiny_model, tmp_path
+):
+    import json
+
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(16))), purpose="conversations"
+    )["id"]
+    first = ow.fine_tuning.create(
+        model=str(tiny_model),
+        training_file=train,
+        loss="sft",
+        merge_before_push=False,
+        **{**SMALL, "max_steps": 2, "save_steps": 1},
+    ).wait(timeout=600)
+    assert first.status == "completed", first.error
+    model_event = next(e for e in _events(ow, first) if e.get("type") == "model")
+    assert model_event["kind"] == "adapter" and model_event["prefix"] == "uploads/model"
+    name = first.params["validated_params"]["finetuned_model_id"]
+    registered = ow.models.retrieve(name)
+    assert "adapter_config.json" in registered.files
+    assert "checkpoint-1/adapter_config.json" in registered.files
+
+    # a checkpoint of the registered adapter, by name: the adapter itself goes on training
+    second = ow.fine_tuning.create(
+        model=f"{name}/checkpoint-1",
+        training_file=train,
+        loss="sft",
+        merge_before_push=False,
+        **{**SMALL, "max_steps": 2, "r": 8},
+    ).wait(timeout=600)
+    assert second.status == "completed", second.error
+    engine = next(e for e in _events(ow, second) if e.get("type") == "engine")
+    assert engine["adapter"] and "training it further" in engine["note"]
+    out = tmp_path / "second"
+    second.download(str(out))
+    config = json.loads((out / "uploads" / "model" / "adapter_config.json").read_text())
+    # its own rank, on the original base (a reference any worker resolves, not a cache dir)
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def unstable_model(tmp_path_factory, tiny_model):
+    """The tiny model with every weight ×10: plain SGD without clipping diverges in a few steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("unstable") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return path
+
+
+def test_diverging_training_fails_with_the_reason_and_keeps_finite_checkpoints(
+    server, ow, trainer_worker, unstable_model, tmp_path
+):
+    from safetensors.torch import load_file
+
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(32))), purpose="conversations"
+    )["id"]
+    job = ow.fine_tuning.create(
+        model=str(unstable_model),
+        training_file=train,
+        loss="sft",
+        is_peft=False,
+        optim="sgd",
+        max_grad_norm=0,
+        train_on_responses_only=False,
+        **{**SMALL, "learning_rate": 0.9, "max_steps": 30, "save_steps": 2},
+    ).wait(timeout=600)
+    assert job.status == "failed"
+    assert "training diverged" in job.error
+    events = _events(ow, job)
+    assert any(e.get("type") == "error" and "diverged" in e["error"] for e in events)
+    assert not any(e.get("type") == "model" for e in events)
+    out = tmp_path / "out"
+    job.download(str(out))
+    checkpoints = sorted(
+        (out / "uploads" / "model").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    assert checkpoints, "the checkpoints saved before the divergence are uploaded"
+    import torch
+
+    for checkpoint in checkpoints:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values()), checkpoint.name
+
+
+def test_bad_rows_are_refused_at_upload_or_create_naming_file_line_and_field(
+    server, ow, tiny_model, tmp_path
+):
+    from openweights import OpenWeightsError
+
+    def upload(name, rows, purpose="conversations"):
+        return ow.files.upload(str(write_jsonl(tmp_path / name, rows)), purpose=purpose)["id"]
+
+    good = conversations_rows(3)
+    cases = [
+        ({"messages": []}, r"empty.jsonl line 2, field messages: must not be empty"),
+        (
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            r"role.jsonl line 2, field messages\[0\]\.role: must be one of",
+        ),
+    ]
+    for (bad, message), name in zip(cases, ["empty.jsonl", "role.jsonl"], strict=True):
+        with pytest.raises(OpenWeightsError, match=message):
+            upload(name, [good[0], bad, good[1]])
+    pref = preference_rows(3)
+    del pref[2]["chosen"]
+    with pytest.raises(OpenWeightsError, match=r"pref.jsonl line 3, field chosen: required"):
+        upload("pref.jsonl", pref, purpose="preference")
+
+    # valid conversations (an inference prompt file, say), but nothing to train on
+    prompts = [{"messages": r["messages"][:1]} for r in good]
+    fid = upload("prompts.jsonl", [good[0], *prompts])
+    with pytest.raises(
+        OpenWeightsError,
+        match=r"prompts.jsonl \(conversations:file-\w+\) line 2, field messages: no assistant message",
+    ):
+        ow.fine_tuning.create(model=str(tiny_model), training_file=fid, loss="sft")
+    # ...and as a test file
+    train = upload("train.jsonl", good)
+    with pytest.raises(OpenWeightsError, match=r"prompts.jsonl .*line 2"):
+        ow.fine_tuning.create(model=str(tiny_model), training_file=train, test_file=fid, loss="sft")
+    # a preference row whose "chosen" has no assistant message
+    pref = preference_rows(2)
+    pref[1]["chosen"] = [{"role": "user", "content": "x"}]
+    fid = upload("pref2.jsonl", pref, purpose="preference")
+    with pytest.raises(
+        OpenWeightsError, match=r"pref2.jsonl .*line 2, field chosen: needs an assistant"
+    ):
+        ow.fine_tuning.create(model=str(tiny_model), training_file=fid, loss="dpo")
+    assert ow.jobs.list() == []
+
+
+def test_row_longer_than_max_seq_length_without_truncation_fails_at_start(
+    server, ow, trainer_worker, tiny_model, tmp_path
+):
+    rows = conversations_rows(4)
+    rows[2]["messages"][1]["content"] = "apple " * 200
+    fid = ow.files.upload(str(write_jsonl(tmp_path / "long.jsonl", rows)), purpose="conversations")[
+        "id"
+    ]
+    job = ow.fine_tuning.create(
+        model=str(tiny_model), training_file=fid, loss="sft", truncation=False, **SMALL
+    ).wait(timeout=300)
+    assert job.status == "failed"
+    assert "long.jsonl" in job.error and "line 3, field messages" in job.error
+    assert "max_seq_length=128" in job.error
+    events = [e["data"] for e in ow.events.list(job_id=job.id)]
+    assert not any(e.get("type") == "progress" for e in events)  # failed before training
+
+
+def test_async_client_checks_rows_at_create_too(server, ow, api_key, tiny_model, tmp_path):
+    import asyncio
+
+    from openweights import AsyncOpenWeights, OpenWeightsError
+
+    rows = conversations_rows(2) + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    fid = ow.files.upload(str(write_jsonl(tmp_path / "a.jsonl", rows)), purpose="conversations")[
+        "id"
+    ]
+
+    async def create():
+        async with AsyncOpenWeights(base_url=server.url, api_key=api_key) as aow:
+            return await aow.fine_tuning.create(model=str(tiny_model), training_file=fid, loss="sft")
+
+    with pytest.raises(OpenWeightsError, match=r"a.jsonl .*line 3, field messages: no assistant"):
+        asyncio.run(create())

@@ -13,7 +13,7 @@ from openweights import types as t
 from openweights.store import jobs as q
 from openweights.store import orgs, queries
 from openweights.store.db import Database
-from openweights.store.errors import Fenced, Forbidden, NotFound
+from openweights.store.errors import Conflict, Fenced, Forbidden, NotFound
 from openweights.store.orgs import Principal
 from tests.conftest import wait_until
 
@@ -245,3 +245,287 @@ def test_secret_writes_and_revocations_reach_other_servers(server_factory, pg):
     assert _api(b.url, tok["token"]).get("/v1/me").status_code == 200  # cached on b
     api_a.delete(f"/v1/tokens/{tok['id']}")
     wait_until(lambda: _api(b.url, tok["token"]).get("/v1/me").status_code == 401, 5, "revoked")
+
+
+# -- the same store functions on the driver's own connection (server/fast.py) ---------------
+
+
+def test_every_named_statement_has_a_driver_form():
+    for (name, _dialect), stmt in queries.QUERIES.items():
+        raw = queries.RAW[id(stmt)]
+        assert ":" not in raw.postgresql.replace("::", ""), name  # every parameter translated
+        assert raw.postgresql.count("%(") == raw.sqlite.count(":") - 2 * raw.sqlite.count("::")
+    claim_start = queries.RAW[id(queries.QUERIES[("claim_start_job", "")])]
+    assert claim_start.names[:3] == ("pk", "org_id", "id")
+    assert {claim_start.names[i] for i in claim_start.json_out} == {
+        "params",
+        "allowed_hardware",
+        "outputs",
+    }
+
+
+def test_the_hot_path_on_the_driver_connection_matches_sqlalchemy(db):
+    raw = queries.RawDatabase(db.url)
+    try:
+        org = _org(db)
+        w = _worker(db, org, cached_models=["m"], hardware=t.Hardware(vram_gb=8.0))
+        mine = _job(db, org, 1.0, allowed_hardware=["cpu"], model="m", params={"a": [1, {"b": 2}]})
+        _job(db, org, 2.0, requires_vram_gb=80)  # never fits
+        token = Principal(org_id=org, token_id="tok-w", kind="worker")
+
+        def claim(conn):
+            worker = q.checkin_worker(conn, org, w["id"], 10.0)
+            q.check_worker_caller(worker, token)
+            assert worker["cached_models"] == ["m"]  # JSON decoded, as SQLAlchemy does
+            return q.claim(conn, worker, 10.0, 30.0)
+
+        c = raw.run(claim)
+        assert c.job["id"] == mine["id"] and c.job["params"] == {"a": [1, {"b": 2}]}
+        assert c.job["allowed_hardware"] == ["cpu"] and c.job["status"] == "in_progress"
+        assert raw.run(claim) is None  # the other job does not fit
+        run_id = c.run["id"]
+        with db.read() as conn:
+            assert q.get_job(conn, org, mine["id"])["current_run_id"] == run_id
+            p, _ = orgs.authenticate(conn, c.token, 11.0)
+        assert p.run_id == run_id
+
+        def heartbeat(conn):
+            return q.heartbeat(conn, org, run_id, 20.0, 30.0, None, caller=token)
+
+        assert raw.run(heartbeat) == (50.0, False)
+        with pytest.raises(Forbidden):  # and the refused renewal is rolled back
+            raw.run(
+                lambda conn: q.heartbeat(
+                    conn, org, run_id, 25.0, 30.0, None, caller=Principal(org, "x", "worker")
+                )
+            )
+        assert raw.run(lambda conn: q.run_status(conn, org, run_id), write=False) == (
+            "in_progress",
+            "in_progress",
+        )
+        with db.write() as conn:
+            run, _ = q.live_run(conn, org, run_id, 21.0)
+            q.add_events(conn, run, [t.EventCreate(data={"loss": 1.0, "n": None})], 21.0)
+
+        def finish(conn):
+            run, job = q.lock_run(conn, org, run_id)
+            q.check_run_caller(run, token)
+            q.check_live(run, job, 22.0, check_lease=False)
+            q.finish_run(conn, run, job, status="completed", now=22.0, exit_code=0)
+
+        raw.run(finish)
+        with db.read() as conn:
+            done = q.get_job(conn, org, mine["id"])
+            assert q.get_run(conn, org, run_id)["status"] == "completed"
+            with pytest.raises(Exception, match="revoked"):
+                orgs.authenticate(conn, c.token, 23.0)
+        assert done["status"] == "completed" and done["outputs"] == {"loss": 1.0}
+        with pytest.raises(Fenced):
+            raw.run(heartbeat)
+    finally:
+        raw.close()
+
+
+def test_a_statement_that_is_not_named_rolls_the_driver_transaction_back(db):
+    raw = queries.RawDatabase(db.url)
+    try:
+        org = _org(db)
+        w = _worker(db, org)
+
+        def mixed(conn):
+            q.touch_worker(conn, w["id"], 77.0)  # named: runs on the driver
+            return q.get_worker(conn, org, w["id"])  # SQLAlchemy Core: refused
+
+        with pytest.raises(queries.NotRaw):
+            raw.run(mixed)
+        with db.read() as conn:  # nothing of it stayed
+            assert q.get_worker(conn, org, w["id"])["last_seen_at"] == 1000.0
+        raw.run(lambda conn: q.touch_worker(conn, w["id"], 78.0))  # the connection still works
+        with db.read() as conn:
+            assert q.get_worker(conn, org, w["id"])["last_seen_at"] == 78.0
+    finally:
+        raw.close()
+
+
+def test_concurrent_driver_claims_never_take_the_same_job(db):
+    raw = queries.RawDatabase(db.url)
+    try:
+        org = _org(db)
+        workers = [_worker(db, org) for _ in range(6)]
+        for i in range(30):
+            _job(db, org, 100.0 + i)
+        taken: list[str] = []
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(workers))
+
+        def loop(w: dict) -> None:
+            def claim(conn):
+                return q.claim(conn, q.checkin_worker(conn, org, w["id"], 200.0), 200.0, 30.0)
+
+            try:
+                barrier.wait()
+                while (c := raw.run(claim)) is not None:
+                    taken.append(c.job["id"])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=loop, args=(w,)) for w in workers]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors
+        assert len(taken) == 30 and len(set(taken)) == 30
+    finally:
+        raw.close()
+
+
+def test_sqlite_nowait_transaction_reports_a_held_write_lock(tmp_path):
+    d = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    d.migrate()
+    raw = queries.RawDatabase(d.url)
+    try:
+        org = _org(d)
+        with d.write() as conn:  # holds the write lock (BEGIN IMMEDIATE)
+            with pytest.raises(queries.Busy):
+                raw.run(lambda c: None, wait=False)
+            assert raw.run(lambda c: q.run_status, write=False)  # a read does not wait
+            orgs.create_org(conn, "x", 1.0)
+        assert raw.run(lambda c: org, wait=False) == org
+    finally:
+        raw.close()
+        d.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgres_connection_dropped_while_idle_is_replaced(pg):
+    url = pg.create_database().replace("postgresql://", "postgresql+psycopg://")
+    d = Database(url)
+    d.migrate()
+    raw = queries.RawDatabase(url)
+    try:
+        org = _org(d)
+        w = _worker(d, org)
+        raw.run(lambda conn: q.touch_worker(conn, w["id"], 5.0))
+        pid = raw.run(lambda conn: conn.dbapi.info.backend_pid)
+        with d.write() as conn:  # the database drops the idle pooled connection
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        raw.run(lambda conn: q.touch_worker(conn, w["id"], 6.0))  # run again on a new one
+        assert raw.run(lambda conn: conn.dbapi.info.backend_pid) != pid
+        with d.read() as conn:
+            assert q.get_worker(conn, org, w["id"])["last_seen_at"] == 6.0
+    finally:
+        raw.close()
+        d.dispose()
+
+
+def test_the_fast_path_answers_exactly_as_the_routes(server):
+    """Each request twice: first with a token the server has not cached (the FastAPI route
+    answers), then cached (`fast.FastPath` answers, or hands it to the route)."""
+    admin = server.signup()
+    api = _api(server.url, admin)
+    w = api.post("/v1/workers", json={"name": "w", "any_hardware": True}).json()["id"]
+    job = api.post("/v1/jobs", json={"type": "custom", "script": "true fast"}).json()
+    c = api.post(f"/v1/workers/{w}/claim", json={"wait_s": 1}).json()
+    run_id, run_token = c["run"]["id"], c["token"]
+    cases = [
+        (admin, f"/v1/workers/{w}/claim", {"wait_s": "1"}),
+        (admin, f"/v1/workers/{w}/claim", {"wait_s": True}),
+        (admin, f"/v1/workers/{w}/claim", {"wait_s": 301}),
+        (admin, f"/v1/workers/{w}/claim", [1]),
+        (admin, f"/v1/workers/{w}/claim", {"wait_s": 0, "other": 1}),  # ignored by the model
+        (admin, "/v1/workers/nope/claim", {"wait_s": 0}),
+        (run_token, f"/v1/workers/{w}/claim", {"wait_s": 0}),  # a job's token may not claim
+        (admin, f"/v1/runs/{run_id}/heartbeat", {"wait_s": -1}),
+        (admin, f"/v1/runs/{run_id}/heartbeat", {"wait_s": 0}),
+        (admin, f"/v1/runs/{run_id + 99}/heartbeat", {"wait_s": 0}),
+        (admin, f"/v1/runs/{run_id}/complete", {"status": "done"}),
+        (admin, f"/v1/runs/{run_id}/complete", {"status": "failed", "exit_code": "1"}),
+        (admin, f"/v1/runs/{run_id}/complete", {"status": "failed", "extra": 1}),
+        (admin, "/v1/jobs", {"type": "Bad Type", "script": "true"}),
+        (admin, "/v1/jobs", {"type": "custom", "script": "true dup"}),  # then the same job
+        (run_token, "/v1/jobs", {"type": "custom", "script": "true fast"}),
+        ("ow_not_a_key", "/v1/jobs", {"type": "custom", "script": "true"}),
+    ]
+    for key, path, body in cases:
+        answers = []
+        for _ in range(2):
+            r = httpx.post(
+                server.url + path,
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            data = r.json() if r.content else None
+            if isinstance(data, dict) and path.endswith("/heartbeat") and r.status_code == 200:
+                data.pop("lease_expires_at")  # renewed by each call
+            if isinstance(data, dict) and path == "/v1/jobs" and r.status_code == 200:
+                data.pop("pending_reason")  # the worker's state changes between the two calls
+                data.pop("updated_at")
+            answers.append((r.status_code, data))
+        assert answers[0] == answers[1], (path, body, answers)
+        status, data = answers[0]
+        assert status < 500, (path, body, answers)
+        if status >= 400:
+            assert set(data["error"]) == {"type", "message", "param"}, data
+    assert api.get(f"/v1/jobs/{job['id']}").json()["status"] != "completed"
+    api.post("/v1/jobs", json={"type": "custom", "script": "true fast 2"})
+    run_id = api.post(f"/v1/workers/{w}/claim", json={"wait_s": 5}).json()["run"]["id"]
+    done = api.post(f"/v1/runs/{run_id}/complete", json={"status": "completed", "exit_code": 0})
+    assert done.status_code == 200 and done.json()["status"] == "completed"
+    again = api.post(f"/v1/runs/{run_id}/complete", json={"status": "completed", "exit_code": 0})
+    assert again.json() == done.json()  # a resend is answered the same
+
+
+def test_a_parked_claim_whose_worker_left_takes_no_job(server):
+    api = _api(server.url, server.signup())
+    w = api.post("/v1/workers", json={"name": "w", "any_hardware": True}).json()["id"]
+    api.post(f"/v1/workers/{w}/claim", json={"wait_s": 0})  # the token is cached now
+
+    def leave() -> None:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(
+                f"{server.url}/v1/workers/{w}/claim",
+                json={"wait_s": 30},
+                headers=api.headers,
+                timeout=0.5,
+            )
+
+    th = threading.Thread(target=leave)
+    th.start()
+    th.join()
+    job = api.post("/v1/jobs", json={"type": "custom", "script": "true left"}).json()
+    r = api.post(f"/v1/workers/{w}/claim", json={"wait_s": 5})
+    assert r.status_code == 200 and r.json()["job"]["id"] == job["id"]
+
+
+@pytest.mark.postgres
+def test_notify_from_a_driver_transaction_arrives_with_its_commit_only(pg):
+    import psycopg
+
+    url = pg.create_database().replace("postgresql://", "postgresql+psycopg://")
+    d = Database(url)
+    d.migrate()
+    raw = queries.RawDatabase(url)
+    try:
+        org = _org(d)
+        w = _worker(d, org)
+        with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as listener:
+            listener.execute("LISTEN openweights")
+
+            def write(conn, fail: bool):
+                q.touch_worker(conn, w["id"], 9.0)
+                d.notify(conn, "openweights", ["a", "b"] if not fail else ["never"])
+                if fail:
+                    raise Conflict("no")
+
+            with pytest.raises(Conflict):
+                raw.run(lambda conn: write(conn, True))
+            raw.run(lambda conn: write(conn, False))
+            got = [n.payload for n in listener.notifies(timeout=2.0, stop_after=2)]
+        assert got == ["a", "b"]
+        with d.read() as conn:
+            assert q.get_worker(conn, org, w["id"])["last_seen_at"] == 9.0
+    finally:
+        raw.close()
+        d.dispose()

@@ -506,3 +506,85 @@ def test_200k_rows_validate_fast_in_flat_memory(tmp_path: Path):
     # hence the generous time bound; untraced this runs at ~200k rows/s.)
     assert peak < 16 << 20 and peak < size / 2, (peak, size)
     assert elapsed < 60, elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitness for training (checked at `create` and again when a training job starts)
+
+
+def _lines(*rows: object) -> list[bytes]:
+    return jsonl(*rows).split(b"\n")
+
+
+def test_rows_that_can_be_trained_on_pass_for_their_use():
+    from openweights.testing import conversations_rows, preference_rows, weighted_rows
+    from openweights.validation import validate_training_lines
+
+    assert validate_training_lines(_lines(*conversations_rows(3)), "sft", filename="c") == 3
+    assert validate_training_lines(_lines({"text": "plain"}), "sft", filename="t") == 1
+    assert validate_training_lines(_lines(*weighted_rows(3)), "weighted_sft", filename="w") == 3
+    assert validate_training_lines(_lines(*preference_rows(2)), "preference", filename="p") == 2
+
+
+@pytest.mark.parametrize(
+    "use, row, field, message",
+    [
+        ("sft", {"messages": [msg("user", "hi")]}, "messages", "no assistant message to train on"),
+        (
+            "weighted_sft",
+            {"messages": [msg("user", "hi"), msg("assistant", [{"text": "x", "weight": 0}])]},
+            "messages",
+            "nothing to train on",
+        ),
+        (
+            "weighted_sft",
+            {"messages": [msg("user", [{"text": "x"}])]},  # a user block without weight: 0
+            "messages",
+            "nothing to train on",
+        ),
+        (
+            "preference",
+            {
+                "prompt": [msg("user", "q")],
+                "chosen": [msg("user", "a")],
+                "rejected": [msg("assistant", "b")],
+            },
+            "chosen",
+            "needs an assistant message",
+        ),
+        ("preference", {"prompt": [msg("user", "q")], "rejected": []}, "chosen", "required"),
+    ],
+)
+def test_rows_with_nothing_to_train_on_name_file_line_and_field(use, row, field, message):
+    from openweights.testing import conversations_rows, weighted_rows
+    from openweights.validation import validate_training_lines
+
+    good = {"sft": conversations_rows(1), "weighted_sft": weighted_rows(1)}.get(use) or [
+        {
+            "prompt": [msg("user", "q")],
+            "chosen": [msg("assistant", "a")],
+            "rejected": [msg("assistant", "b")],
+        }
+    ]
+    with pytest.raises(FileValidationError) as info:
+        validate_training_lines(_lines(good[0], row), use, filename="f.jsonl")
+    e = info.value
+    assert (e.filename, e.line, e.field) == ("f.jsonl", 2, field)
+    assert message in e.message
+
+
+def test_training_on_everything_accepts_rows_without_assistant_turns():
+    from openweights.validation import validate_training_lines
+
+    row = {"messages": [msg("user", "just text")]}
+    assert validate_training_lines(_lines(row), "sft", filename="f", responses_only=False) == 1
+    assert (
+        validate_training_lines(_lines(row), "weighted_sft", filename="f", responses_only=False)
+        == 1
+    )
+
+
+def test_iter_lines_splits_chunks_at_newlines_only():
+    from openweights.validation import iter_lines
+
+    assert list(iter_lines([b'{"a"', b": 1}\n{", b'"b": 2}'])) == [b'{"a": 1}', b'{"b": 2}']

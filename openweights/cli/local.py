@@ -103,6 +103,8 @@ def _import(module: str, name: str) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     serve = _import("openweights.server", "serve")
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"openweights dashboard: http://{shown}:{args.port}/dashboard/", flush=True)
     serve(host=args.host, port=args.port)
     return 0
 

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parsers(sub)
     local.add_parsers(sub)
     models.add_parsers(sub)
+    from openweights.cli import cluster as cluster_cli  # cluster, deploy, manage, exec, ssh
+
+    cluster_cli.add_parsers(sub)
     return parser
 
 

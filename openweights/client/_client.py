@@ -145,6 +145,11 @@ class OpenWeights(_ClientBase):
         self.secrets = Secrets(self)
         self.workers = Workers(self)
         self.models = Models(self)
+        from openweights.client.api import Deployments
+        from openweights.client.chat import Chat
+
+        self.api = Deployments(self)
+        self.chat = Chat(self)
 
     @property
     def run(self) -> RunLogger:
@@ -196,6 +201,11 @@ class AsyncOpenWeights(_ClientBase):
         self.secrets = AsyncSecrets(self)
         self.workers = AsyncWorkers(self)
         self.models = AsyncModels(self)
+        from openweights.client.api import AsyncDeployments
+        from openweights.client.chat import AsyncChat
+
+        self.api = AsyncDeployments(self)
+        self.chat = AsyncChat(self)
 
     @property
     def run(self) -> AsyncRunLogger:

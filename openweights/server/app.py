@@ -134,6 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             sweeper.cancel()
             state.notifier.close()
+            if getattr(state, "hot", None) is not None:
+                state.hot.close()
             state.db.dispose()
 
     app = FastAPI(
@@ -146,6 +148,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from openweights.server.limits import BodyLimitMiddleware
 
     app.add_middleware(BodyLimitMiddleware)
+    from openweights.server.fast import FastPath
+
+    app.add_middleware(FastPath, state=state)  # workers' claim/heartbeat/complete (fast.py)
 
     app.add_middleware(RequestIdMiddleware)
 
@@ -188,10 +193,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "version": VERSION}
 
-    from openweights.server.routes import files, jobs, models, orgs, runs
+    from openweights.server.routes import batches, files, jobs, models, orgs, runs
 
-    for module in (orgs, files, jobs, runs, models):
+    for module in (orgs, files, jobs, runs, models, batches):
         app.include_router(module.router)
+    from openweights.server.routes import openai as openai_routes
+
+    app.include_router(openai_routes.router)  # OpenAI wire API, routed to deployments
+    from openweights.server.routes import cluster as cluster_routes
+
+    app.include_router(cluster_routes.router)
+    from openweights.server import dashboard  # web UI at /dashboard/ (not in the OpenAPI schema)
+
+    dashboard.install(app)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -25,6 +25,52 @@ def run_key(run_id: int) -> str:
     return f"run:{run_id}"
 
 
+class Signal:
+    """A one-shot `asyncio.Event` without its per-wait machinery: `set` resolves the waiting
+    futures directly, so a parked request resumes on the loop's next turn (an `asyncio.Event`
+    waited on through `asyncio.wait` took three tasks and several turns per wake-up)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(True)
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+async def _wait(events: list[Signal], timeout_s: float) -> bool:
+    if any(ev._set for ev in events):
+        return True
+    if timeout_s <= 0:
+        return False
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    for ev in events:
+        ev._waiters.append(fut)
+    timer = loop.call_later(timeout_s, _expire, fut)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+        for ev in events:
+            if fut in ev._waiters:
+                ev._waiters.remove(fut)
+
+
 class Notifier:
     def __init__(self, hooks: Mapping[str, Callable[[str], None]] | None = None) -> None:
         # key prefix -> called with each such key, local or from another server: cache
@@ -34,15 +80,18 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
+        #: backend pids of this server's own hot-path connections (`queries.RawDatabase`): their
+        #: NOTIFYs come back to this server too, which acted on them at their commit already
+        self.own_pids: set[int] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def event(self, key: str) -> asyncio.Event:
+    def event(self, key: str) -> Signal:
         """Take the event *before* checking the condition, so no wake-up falls in between."""
         ev = self._events.get(key)
         if ev is None:
-            ev = self._events[key] = asyncio.Event()
+            ev = self._events[key] = Signal()
         return ev
 
     def notify(self, *keys: str) -> None:
@@ -59,26 +108,14 @@ class Notifier:
             self._loop.call_soon_threadsafe(self.notify, *keys)
 
     @staticmethod
-    async def wait(ev: asyncio.Event, timeout_s: float) -> bool:
-        if timeout_s <= 0:
-            return ev.is_set()
-        try:
-            await asyncio.wait_for(ev.wait(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
+    async def wait(ev: Signal, timeout_s: float) -> bool:
+        """Until `ev` is set (True) or `timeout_s` passed (False)."""
+        return await _wait([ev], timeout_s)
 
     @staticmethod
-    async def wait_any(events: list[asyncio.Event], timeout_s: float) -> bool:
-        waits = [asyncio.ensure_future(ev.wait()) for ev in events]
-        try:
-            done, _ = await asyncio.wait(
-                waits, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED
-            )
-            return bool(done)
-        finally:
-            for w in waits:
-                w.cancel()
+    async def wait_any(events: list[Signal], timeout_s: float) -> bool:
+        """Until one of `events` is set (True) or `timeout_s` passed (False)."""
+        return await _wait(events, timeout_s)
 
     # -- PostgreSQL: other servers' writes ---------------------------------------------------
 
@@ -98,7 +135,8 @@ class Notifier:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self._stop.is_set():
                         for n in conn.notifies(timeout=1.0):
-                            self.notify_threadsafe(n.payload)
+                            if n.pid not in self.own_pids:
+                                self.notify_threadsafe(n.payload)
             except Exception as e:  # reconnect: a restarted database must not stop wake-ups
                 log.warning("LISTEN connection failed (%s); reconnecting", e)
                 self._stop.wait(1.0)

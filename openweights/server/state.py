@@ -29,8 +29,16 @@ class AppState:
         self.box = SecretBox(load_keys(settings.secret_key, settings.home))
         self.auth_cache = AuthCache()
         self.env_cache = SecretEnvCache()
+        from openweights.server.routes.openai import DeploymentRoutes
+
+        #: where `/v1/chat/completions` sends each model (cached per org; see routes/openai.py)
+        self.deployments = DeploymentRoutes()
         self.notifier = Notifier(
-            hooks={"auth:": self.auth_cache.drop, "secrets:": self.env_cache.drop}
+            hooks={
+                "auth:": self.auth_cache.drop,
+                "secrets:": self.env_cache.drop,
+                "job:": self.deployments.drop,
+            }
         )
         self.tmp_dir = settings.home / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

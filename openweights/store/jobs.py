@@ -711,9 +711,8 @@ def finish_run(
         name = "job_touched"  # the user canceled it: it stays canceled whatever the run did
     elif status == "completed":
         name = "job_completed"
-        values.update(
-            status="completed", outputs=merged_outputs(conn, run["id"]), finished_at=now, error=None
-        )
+        events = _event_data(conn, run["id"])
+        values.update(status="completed", outputs=_merge(events), finished_at=now, error=None)
     elif status == "lost" and job["attempts"] < job["max_attempts"]:
         name = "job_requeued"
         values.update(status="pending", current_run_id=None, worker_id=None)
@@ -737,8 +736,8 @@ def finish_run(
             "error": values.get("error"),
         },
     )
-    if name == "job_completed":
-        from openweights.store.models import register_from_run
+    if name == "job_completed" and any(d.get("type") == "model" for d in events):
+        from openweights.store.models import register_from_run  # only runs that declare one
 
         register_from_run(conn, run["org_id"], job["id"], run["id"], now)
     job.update(values)
@@ -746,10 +745,19 @@ def finish_run(
 
 
 def merged_outputs(conn: Connection, run_id: int) -> dict:
+    return _merge(_event_data(conn, run_id))
+
+
+def _event_data(conn: Connection, run_id: int) -> list[dict]:
+    """The `data` dicts of a run's events, oldest first."""
+    rows = conn.execute(query(conn, "run_outputs"), {"run_id": run_id})
+    return [data for (data,) in rows if isinstance(data, dict)]
+
+
+def _merge(events: list[dict]) -> dict:
     out: dict[str, Any] = {}
-    for (data,) in conn.execute(query(conn, "run_outputs"), {"run_id": run_id}):
-        if isinstance(data, dict):
-            out.update({k: v for k, v in data.items() if v is not None})
+    for data in events:
+        out.update({k: v for k, v in data.items() if v is not None})
     return out
 
 

@@ -16,7 +16,11 @@ It is a Python module, not a .sql file, so that it ships in the wheel without pa
 
 from __future__ import annotations
 
+import json as _json
 import re
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, TextClause, bindparam, column, text
 from sqlalchemy.sql.selectable import TextualSelect
@@ -289,6 +293,12 @@ def _result_names(sql: str) -> list[str] | None:
 
 
 def _statement(sql: str, json: list[str]) -> TextClause | TextualSelect:
+    stmt = _build(sql, json)
+    RAW[id(stmt)] = _raw(sql, json)
+    return stmt
+
+
+def _build(sql: str, json: list[str]) -> TextClause | TextualSelect:
     stmt = text(sql)
     binds = [bindparam(n, type_=Json) for n in json if re.search(rf":{n}\b", sql)]
     if binds:
@@ -332,10 +342,276 @@ def parse(source: str) -> dict[tuple[str, str], TextClause | TextualSelect]:
     return out
 
 
+@dataclass(frozen=True)
+class RawStatement:
+    """A named statement for the DBAPI driver itself (`RawConnection`)."""
+
+    sqlite: str  # `:name` parameters (sqlite3's named style)
+    postgresql: str  # `%(name)s` parameters (psycopg's pyformat style)
+    json_in: tuple[str, ...]  # parameters sent as JSON text
+    names: tuple[str, ...] | None  # result columns, in order (None: no rows)
+    json_out: frozenset[int]  # positions of JSON result columns (decoded on SQLite)
+
+
+#: id(statement) -> its raw form; filled by `parse`, so every named statement has one.
+RAW: dict[int, RawStatement] = {}
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _raw(sql: str, json: list[str]) -> RawStatement:
+    names = _result_names(sql)
+    return RawStatement(
+        sqlite=sql,
+        postgresql=_PARAM.sub(r"%(\1)s", sql.replace("%", "%%")),
+        json_in=tuple(n for n in json if re.search(rf":{n}\b", sql)),
+        names=tuple(names) if names is not None else None,
+        json_out=frozenset(i for i, n in enumerate(names or ()) if n in json),
+    )
+
+
 QUERIES = parse(SQL)
+_NOTIFY = id(QUERIES[("notify", "postgresql")])
 
 
 def query(conn: Connection, name: str) -> TextClause | TextualSelect:
     """The statement `name`, in the connection's dialect variant where it has one."""
     stmt = QUERIES.get((name, conn.dialect.name))
     return stmt if stmt is not None else QUERIES[(name, "")]
+
+
+# -- the same statements on the DBAPI driver itself ------------------------------------------
+
+
+class _Dialect:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class RawResult:
+    """The part of SQLAlchemy's `Result` the store uses, over rows already fetched."""
+
+    __slots__ = ("_rows", "_names", "_maps", "rowcount")
+
+    def __init__(self, rows: list[tuple], names: tuple[str, ...] | None, rowcount: int) -> None:
+        self._rows = rows
+        self._names = names
+        self._maps = False
+        self.rowcount = rowcount
+
+    def mappings(self) -> RawResult:
+        out = RawResult(self._rows, self._names, self.rowcount)
+        out._maps = True
+        return out
+
+    def _row(self, row: tuple) -> Any:
+        return dict(zip(self._names or (), row, strict=True)) if self._maps else row
+
+    def first(self) -> Any:
+        return self._row(self._rows[0]) if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise LookupError(f"expected one row, got {len(self._rows)}")
+        return self._row(self._rows[0])
+
+    def all(self) -> list[Any]:
+        return [self._row(r) for r in self._rows]
+
+    def __iter__(self):
+        return iter(self.all())
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0] if not self._maps else next(iter(self.one().values()))
+
+
+class NotRaw(TypeError):
+    """A statement that is not one of this module's: run the transaction on SQLAlchemy."""
+
+
+class RawConnection:
+    """A DBAPI connection (sqlite3 or psycopg) that runs the named statements of this module with
+    the same parameters and results as SQLAlchemy, without its per-execution work (~60–100 µs a
+    statement). The hot-path store functions take either: they only call `execute(query(conn,
+    name), params)` and `conn.dialect.name`. Transactions are the caller's (`begin`/`commit`)."""
+
+    def __init__(self, dbapi_conn: Any, dialect: str) -> None:
+        self.dbapi = dbapi_conn
+        self.dialect = _Dialect(dialect)
+        self._sqlite = dialect == "sqlite"
+        self.statements = 0
+        #: NOTIFYs of this transaction: they take effect at COMMIT, so they are sent with it
+        self.deferred: list[tuple[str, Any]] = []
+
+    def execute(self, stmt: Any, params: Any = None) -> RawResult:
+        raw = RAW.get(id(stmt))
+        if raw is None:
+            raise NotRaw(f"not a named statement of openweights.store.queries: {stmt!r}")
+        sql = raw.sqlite if self._sqlite else raw.postgresql
+        if id(stmt) == _NOTIFY:  # sent with the COMMIT, in one round trip (`RawDatabase.run`)
+            self.deferred.append((sql, params))
+            return RawResult([], None, 0)
+        many = isinstance(params, list)
+        if raw.json_in:
+            params = [_dump(p, raw.json_in) for p in params] if many else _dump(params, raw.json_in)
+        cur = self.dbapi.cursor()
+        try:
+            if many:
+                cur.executemany(sql, params)
+            else:
+                cur.execute(sql, params or {})
+            self.statements += 1
+            rows = cur.fetchall() if raw.names is not None else []
+            rowcount = cur.rowcount
+        finally:
+            cur.close()
+        if raw.json_out and self._sqlite and rows:  # PostgreSQL's driver decodes jsonb itself
+            rows = [
+                tuple(
+                    _json.loads(v) if i in raw.json_out and v is not None else v
+                    for i, v in enumerate(r)
+                )
+                for r in rows
+            ]
+        return RawResult(rows, raw.names, rowcount)
+
+
+def _dump(params: dict, keys: tuple[str, ...]) -> dict:
+    params = dict(params)
+    for k in keys:
+        if params.get(k) is not None:
+            params[k] = _json.dumps(params[k])
+    return params
+
+
+class Busy(Exception):
+    """SQLite's write lock is held by another connection (`RawDatabase.write(wait=False)`)."""
+
+
+class RawDatabase:
+    """Write transactions on the driver's own connections, for the server's hot routes.
+
+    SQLite: one connection per thread (`BEGIN IMMEDIATE`, as `Database.write`), plus, with
+    `wait=False`, a connection that raises `Busy` at once instead of waiting for the write lock,
+    so that the event loop may run a short transaction itself and hand it to a thread only when
+    another writer holds the lock. PostgreSQL: a small pool of psycopg connections; a connection
+    that the database dropped while it was idle (a restart) is replaced and the transaction run
+    again, since nothing of it ran.
+    """
+
+    def __init__(self, url: str, own_pids: set[int] | None = None) -> None:
+        self.dialect = url.split(":", 1)[0].split("+", 1)[0]
+        self._lock = threading.Lock()
+        self._all: list[Any] = []
+        #: PostgreSQL: backend pids of this pool's open connections (the server's LISTEN
+        #: thread skips their NOTIFYs: it has acted on them already, at their commit)
+        self.own_pids = own_pids if own_pids is not None else set()
+        if self.dialect == "sqlite":
+            self._path = url.split("///", 1)[1]
+            self._local = threading.local()
+        else:
+            self._dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+            self._idle: list[Any] = []
+
+    def _sqlite(self, busy_ms: int) -> Any:
+        import sqlite3
+
+        c = sqlite3.connect(
+            self._path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000
+        )
+        c.execute("PRAGMA synchronous=NORMAL")
+        c.execute("PRAGMA foreign_keys=ON")
+        c.execute(f"PRAGMA busy_timeout={busy_ms}")
+        with self._lock:
+            self._all.append(c)
+        return c
+
+    def run(self, fn: Any, *, wait: bool = True, write: bool = True) -> Any:
+        """`fn(conn)` in one transaction, committed when it returns; `write=False`: a read
+        (SQLite: a deferred transaction, which never waits for the write lock)."""
+        if self.dialect == "sqlite":
+            if wait:
+                c = getattr(self._local, "conn", None)
+                if c is None:
+                    c = self._local.conn = self._sqlite(30_000)
+            else:
+                c = getattr(self._local, "nowait", None)
+                if c is None:
+                    c = self._local.nowait = self._sqlite(0)
+            try:
+                c.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            except Exception as e:
+                if not wait and "locked" in str(e):
+                    raise Busy() from e
+                raise
+            conn = RawConnection(c, "sqlite")
+            try:
+                out = fn(conn)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+            return out
+        import psycopg
+
+        for attempt in range(2):
+            with self._lock:
+                c = self._idle.pop() if self._idle else None
+            if c is None or c.closed:
+                c = psycopg.connect(self._dsn, autocommit=False)
+                self.own_pids.add(c.info.backend_pid)
+                with self._lock:
+                    self._all.append(c)
+            conn = RawConnection(c, "postgresql")
+            try:
+                out = fn(conn)
+                if conn.deferred:
+                    with c.pipeline():
+                        for sql, params in conn.deferred:
+                            c.execute(sql, params)
+                        c.commit()
+                else:
+                    c.commit()
+            except psycopg.OperationalError:
+                broken = c.closed or c.broken
+                if not broken:
+                    c.rollback()
+                    with self._lock:
+                        self._idle.append(c)
+                else:
+                    self._discard(c)
+                if broken and conn.statements == 0 and attempt == 0:
+                    continue  # dropped while idle: nothing ran, run it on a new connection
+                raise
+            except BaseException:
+                if c.broken or c.closed:
+                    self._discard(c)
+                else:
+                    c.rollback()
+                    with self._lock:
+                        self._idle.append(c)
+                raise
+            with self._lock:
+                self._idle.append(c)
+            return out
+        raise AssertionError("unreachable")
+
+    def _discard(self, c: Any) -> None:
+        self.own_pids.discard(c.info.backend_pid)
+        c.close()
+        with self._lock:
+            if c in self._all:
+                self._all.remove(c)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+            if self.dialect != "sqlite":
+                self._idle.clear()
+        for c in conns:
+            try:
+                c.close()
+            except Exception:
+                pass

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Where a training job writes its model (and checkpoints): stored as the job's results.
+OUTPUT_DIR = "uploads/model"
 
 DEFAULT_TARGET_MODULES = [
     "q_proj",
@@ -35,6 +38,9 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: File purposes a `loss="sft"` training file may have.
+    sft_purposes: ClassVar[tuple[str, ...]] = ("conversations",)
+
     model: str = Field(description="Hub id, local path, or a model made by an earlier fine-tune.")
     training_file: str = Field(
         description="File id: conversations (sft) or preference (dpo, orpo)."
@@ -49,6 +55,11 @@ class TrainingConfig(BaseModel):
     model_naming_extra_parameters: dict[str, Any] | None = None
     job_id_suffix: str | None = Field(default=None, description="Forces a distinct job.")
     max_seq_length: int = Field(default=2048, ge=8)
+    truncation: bool = Field(
+        default=True,
+        description="Cut rows longer than max_seq_length; False: such a row fails the job at "
+        "start, naming its file and line.",
+    )
     load_in_4bit: bool = False
     # LoRA
     is_peft: bool = True
@@ -66,6 +77,7 @@ class TrainingConfig(BaseModel):
     per_device_train_batch_size: int = Field(default=2, ge=1)
     gradient_accumulation_steps: int = Field(default=8, ge=1)
     warmup_steps: int = Field(default=5, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping; 0: off.")
     learning_rate: float | str = 1e-4
     logging_steps: int = Field(default=1, ge=1)
     optim: str = "adamw_8bit"
@@ -75,8 +87,14 @@ class TrainingConfig(BaseModel):
     ] = "linear"
     seed: int = 3407
     beta: float = Field(default=0.1, description="DPO / ORPO beta.")
-    save_steps: int = Field(default=5000, ge=1)
-    output_dir: str = "./tmp"
+    save_steps: int = Field(
+        default=5000, ge=1, description="A checkpoint every N steps, at uploads/model/checkpoint-N."
+    )
+    output_dir: str = Field(
+        default=OUTPUT_DIR,
+        description="Fixed: the model and its checkpoints are written under uploads/model and "
+        "stored as the job's results (the original's './tmp' is accepted and means the same).",
+    )
     train_on_responses_only: bool = True
     packing: bool = False
     # callbacks
@@ -99,21 +117,43 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"learning_rate must be in (0, 1), got {lr}")
         return lr
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        if v.strip("./") not in ("tmp", OUTPUT_DIR, ""):
+            raise ValueError(
+                f"output_dir is fixed to {OUTPUT_DIR!r} (stored as the job's results); got {v!r}"
+            )
+        return OUTPUT_DIR
+
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
-        want = "conversations" if self.loss == "sft" else "preference"
+        want = self.sft_purposes if self.loss == "sft" else ("preference",)
         purpose = self.training_file.split(":", 1)[0] if ":file-" in self.training_file else None
-        if purpose is not None and purpose != want:
+        if purpose is not None and purpose not in want:
             raise ValueError(
-                f"training_file: loss={self.loss!r} needs a {want!r} file, got a {purpose!r} file "
-                f"({self.training_file}); upload it with purpose={want!r}."
+                f"training_file: loss={self.loss!r} needs a {' or '.join(map(repr, want))} file, "
+                f"got a {purpose!r} file ({self.training_file}); upload it with "
+                f"purpose={want[0]!r}."
             )
-        if (
-            self.test_file
-            and ":file-" in self.test_file
-            and not self.test_file.startswith("conversations:")
+        for name, fid in (
+            [("test_file", self.test_file)]
+            + [
+                (f"logp_callback_datasets[{k!r}]", v)
+                for k, v in self.logp_callback_datasets.items()
+            ]
+            + [
+                (f"sampling_callbacks[{i}].dataset", s.dataset)
+                for i, s in enumerate(self.sampling_callbacks or [])
+            ]
         ):
-            raise ValueError("test_file: must be a 'conversations' file.")
+            if (
+                fid
+                and ":file-" in fid
+                and fid.split(":", 1)[0]
+                not in self.sft_purposes + ("conversations", "weighted_conversations")
+            ):
+                raise ValueError(f"{name}: must be a 'conversations' file, got {fid!r}.")
         if self.load_in_4bit and self.logp_callback_datasets:
             raise ValueError("logp_callback_datasets: not supported together with load_in_4bit.")
         if "/" not in self.finetuned_model_id:

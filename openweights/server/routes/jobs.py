@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
+from openweights.server.fast import hot
 from openweights.server.notify import job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import jobs as q
@@ -31,32 +33,49 @@ async def create_job(
 ) -> t.JobObject:
     """Submit a job. The same type + params + script gives the same id: a pending, running or
     completed job is returned as it is; a failed or canceled one goes back to pending."""
+    return await create(request.app.state.ow, p, body)
+
+
+async def create(state, p: Principal, body: t.JobCreateParams) -> t.JobObject:
+    """The create route (FastAPI's and `fast.FastPath`'s): the write transaction, then the
+    pending reason in a read transaction (no write lock held for it). Parked claims are woken as
+    soon as the job is committed, before the reason is measured."""
     require(p, "user", "run")
-    state = request.app.state.ow
+    h = hot(state)
 
-    # One thread hop: the write transaction, then the pending reason in a read transaction (no
-    # write lock held for it); parked workers are woken right after. Waking them from the thread
-    # before the reason was measured slower: the claim then competes with the reason for the GIL.
-    def work():
-        with state.db.write() as conn:
-            row, queued = q.create_job(
-                conn,
-                p.org_id,
-                body,
-                state.db.now(conn),
-                state.settings.max_attempts,
-                lock=not state.db.is_sqlite,
-            )
-            keys = [queue_key(p.org_id), job_key(p.org_id, row["id"])] if queued else []
-            state.publish(conn, *keys)
+    def write(conn):
+        row, queued = q.create_job(
+            conn,
+            p.org_id,
+            body,
+            h.now(conn),
+            state.settings.max_attempts,
+            lock=not state.db.is_sqlite,
+        )
+        keys = [queue_key(p.org_id), job_key(p.org_id, row["id"])] if queued else []
+        state.publish(conn, *keys)
+        return row, keys
+
+    def reason(conn):
+        offline_s = state.settings.worker_offline_s
+        return convert.job(row, q.pending_reason(conn, row, h.now(conn), offline_s))
+
+    if h.sqlite:  # short transactions on the event loop (see `fast.Hot`)
+        row, keys = await h.run(write)
+        state.notifier.notify(*keys)
         if row["status"] != "pending":
-            return convert.job(row), keys
-        with state.db.read() as conn:
-            return _with_reason(state, conn, row), keys
+            return convert.job(row)
+        await asyncio.sleep(0)  # a woken claim takes the job before the reason is measured
+        return await h.run(reason, write=False)
 
-    job, keys = await state.call(work)
-    state.notifier.notify(*keys)
-    return job
+    def both():  # PostgreSQL: one thread hop
+        nonlocal row
+        row, keys = h.run_sync(write)
+        state.committed(*keys)
+        return convert.job(row) if row["status"] != "pending" else h.run_sync(reason, False)
+
+    row: dict = {}
+    return await h.in_thread(both)
 
 
 @router.get("/jobs", response_model=t.Page[t.JobObject])

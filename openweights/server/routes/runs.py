@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -12,7 +13,8 @@ from fastapi.responses import StreamingResponse
 from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
-from openweights.server.notify import job_key, queue_key, run_key
+from openweights.server.fast import hot
+from openweights.server.notify import Signal, job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store import jobs as q
@@ -93,44 +95,63 @@ async def claim(
     worker_id: str, body: t.ClaimRequest, request: Request, p: Principal = Depends(principal)
 ):
     """Long-poll for the oldest pending job that fits this worker; 204 when none came in time."""
+    out = await claim_loop(request.app.state.ow, p, worker_id, body.wait_s, request.is_disconnected)
+    return Response(status_code=204) if out is None else out
+
+
+async def claim_loop(
+    state,
+    p: Principal,
+    worker_id: str,
+    wait_s: float,
+    is_disconnected: Callable[[], Awaitable[bool]],
+    gone: Signal | None = None,
+) -> t.ClaimResponse | None:
+    """The claim route (FastAPI's and `fast.FastPath`'s): claim, or park until a job for the
+    org is queued (or the worker is shut down, or the client leaves), then claim again."""
     require(p, "user", "worker")
-    state = request.app.state.ow
     lease_s = state.settings.lease_s
-    deadline = time.monotonic() + body.wait_s
+    deadline = time.monotonic() + wait_s
     org_key = queue_key(p.org_id)
 
-    def attempt():
+    def attempt(conn):
         # One write transaction of 6 statements (+1 NOTIFY on PostgreSQL): check in the worker
         # (touch + read), scan candidates, take one (run insert), start the job, mark the worker
         # busy, mint the run token; the org's secrets come from the cache.
-        with state.db.write() as conn:
-            now = state.db.now(conn)
-            worker = q.checkin_worker(conn, p.org_id, worker_id, now)
-            q.check_worker_caller(worker, p)
-            c = q.claim(conn, worker, now, lease_s)
-            if c is None:
-                return None
-            env = state.secret_env(conn, p.org_id)
-            state.publish(conn, job_key(p.org_id, c.job["id"]))
-        # built after the commit: the write lock is not held for it
-        return t.ClaimResponse(
-            run=convert.run(c.run), job=convert.job(c.job), token=c.token, env=env, lease_s=lease_s
-        )
+        now = hot(state).now(conn)
+        worker = q.checkin_worker(conn, p.org_id, worker_id, now)
+        q.check_worker_caller(worker, p)
+        c = q.claim(conn, worker, now, lease_s)
+        if c is None:
+            return None
+        env = state.secret_env(conn, p.org_id)
+        state.publish(conn, job_key(p.org_id, c.job["id"]))
+        return c, env
 
     while True:
         ev = state.notifier.event(org_key)
         stop_ev = state.notifier.event(f"worker:{worker_id}")  # shutdown ends the long-poll at once
-        result = await state.call(attempt)
+        result = await hot(state).run(attempt)
         if result is not None:
-            state.notifier.notify(job_key(p.org_id, result.job.id))
-            return result
+            c, env = result
+            state.notifier.notify(job_key(p.org_id, c.job["id"]))
+            # built after the commit: the write lock is not held for it
+            return t.ClaimResponse(
+                run=convert.run(c.run),
+                job=convert.job(c.job),
+                token=c.token,
+                env=env,
+                lease_s=lease_s,
+            )
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or await request.is_disconnected():
-            return Response(status_code=204)
+        if remaining <= 0 or await is_disconnected():
+            return None
         # Woken by a new or requeued job; the slice bounds how stale a missed wake-up can be.
-        await state.notifier.wait_any([ev, stop_ev], min(remaining, 10.0))
-        if await request.is_disconnected():  # a worker that died while parked takes no job
-            return Response(status_code=204)
+        await state.notifier.wait_any(
+            [ev, stop_ev] if gone is None else [ev, stop_ev, gone], min(remaining, 10.0)
+        )
+        if await is_disconnected():  # a worker that died while parked takes no job
+            return None
 
 
 # -- runs ------------------------------------------------------------------------------------
@@ -154,28 +175,30 @@ async def heartbeat(
     run_id: int, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)
 ) -> t.HeartbeatResponse:
     """Renew the lease now; then wait up to `wait_s` and answer early when the job is canceled."""
+    return await heartbeat_run(request.app.state.ow, p, run_id, body.wait_s)
+
+
+async def heartbeat_run(state, p: Principal, run_id: int, wait_s: float) -> t.HeartbeatResponse:
+    """The heartbeat route (FastAPI's and `fast.FastPath`'s)."""
     require(p, "user", "worker")
-    state = request.app.state.ow
     key = run_key(run_id)
     ev = state.notifier.event(key)
 
-    def renew():
-        with state.db.write() as conn:
-            return q.heartbeat(
-                conn, p.org_id, run_id, state.db.now(conn), state.settings.lease_s, None, caller=p
-            )
+    def renew(conn):
+        return q.heartbeat(
+            conn, p.org_id, run_id, hot(state).now(conn), state.settings.lease_s, None, caller=p
+        )
 
-    lease, cancel = await state.call(renew)
-    if cancel or body.wait_s <= 0:
+    lease, cancel = await hot(state).run(renew)
+    if cancel or wait_s <= 0:
         return t.HeartbeatResponse(cancel=cancel, lease_expires_at=lease)
-    await state.notifier.wait(ev, body.wait_s)
+    await state.notifier.wait(ev, wait_s)
 
-    def check():
-        with state.db.read() as conn:
-            status, job_status = q.run_status(conn, p.org_id, run_id)
-            return job_status == "canceled", status
+    def check(conn):
+        status, job_status = q.run_status(conn, p.org_id, run_id)
+        return job_status == "canceled", status
 
-    cancel, status = await state.call(check)
+    cancel, status = await hot(state).run(check, write=False)
     if status == "lost":
         raise Fenced(f"Run {run_id} is {status}; stop it.")
     # a run its own worker just completed while this heartbeat was parked: nothing to stop
@@ -306,8 +329,14 @@ async def complete_run(
     run_id: int, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)
 ) -> t.RunObject:
     """The worker's final word on a run. A resend of the same status is answered the same."""
+    return await complete(request.app.state.ow, p, run_id, body.status, body.exit_code, body.error)
+
+
+async def complete(
+    state, p: Principal, run_id: int, status: str, exit_code: int | None, error: str | None
+) -> t.RunObject:
+    """The complete route (FastAPI's and `fast.FastPath`'s)."""
     require(p, "user", "worker")
-    state = request.app.state.ow
 
     def finish(conn, run: dict, job: dict, now: float, sha: str, size: int) -> list[str]:
         log_file = fstore.add_file_once(
@@ -323,10 +352,10 @@ async def complete_run(
             conn,
             run,
             job,
-            status=body.status,
+            status=status,
             now=now,
-            exit_code=body.exit_code,
-            error=body.error,
+            exit_code=exit_code,
+            error=error,
             log_file=log_file,
         )
         if run["log_size"]:
@@ -346,7 +375,7 @@ async def complete_run(
         run, job = q.lock_run(conn, p.org_id, run_id)
         q.check_run_caller(run, p)
         if run["status"] != "in_progress":
-            if run["status"] == body.status:
+            if run["status"] == status:
                 return run, None
             raise Fenced(f"Run {run_id} is already {run['status']}.")
         # Still the live run (no other attempt exists) even if its lease just lapsed and the
@@ -354,16 +383,20 @@ async def complete_run(
         q.check_live(run, job, now, check_lease=False)
         return run, job
 
-    def work():
-        # Most runs of short jobs have no log: one write transaction. A log is first written to
-        # the blob store outside any write transaction, which then stays short.
-        with state.db.write() as conn:
-            now = state.db.now(conn)
-            run, job = live(conn, now)
-            if job is None:
-                return run, []
-            if not run["log_size"]:
-                return run, finish(conn, run, job, now, _empty_log(state), 0)
+    def first(conn):
+        # Most runs of short jobs have no log: one write transaction.
+        now = hot(state).now(conn)
+        run, job = live(conn, now)
+        if job is None:
+            return run, []
+        if not run["log_size"]:
+            sha = _empty_log(state)
+            return run, finish(conn, run, job, now, sha, 0)
+        return None  # a log: stored below, outside any write transaction
+
+    def with_log():
+        # A log is first written to the blob store outside any write transaction, which then
+        # stays short.
         for attempt in range(3):
             with state.db.read() as conn:
                 sha, size = _store_log(state, conn, run_id)
@@ -377,10 +410,18 @@ async def complete_run(
             # log bytes arrived after the blob was written: write it again
         raise AssertionError("unreachable: the last attempt finishes the run")
 
-    run, keys = await state.call(work)
+    if _EMPTY_SHA not in state.known_blobs:
+        await state.call(_empty_log, state)  # once per process: may write a blob
+    out = await hot(state).run(first)
+    if out is None:
+        out = await state.call(with_log)
+    run, keys = out
     if keys:
         state.notifier.notify(*keys, f"log:{run_id}")
     return convert.run(run)
+
+
+_EMPTY_SHA = hashlib.sha256().hexdigest()
 
 
 def _empty_log(state) -> str:

@@ -1,0 +1,146 @@
+"""Wire models of the cluster manager's routes (`/v1/cluster/...`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+#: Org secrets the manager may read back (`POST /v1/cluster/secrets`): provider keys and limits.
+#: Nothing else: a user token cannot read other secret values through this route.
+CLUSTER_SECRET_NAMES: tuple[str, ...] = (
+    "RUNPOD_API_KEY",
+    "OW_MAX_WORKERS",
+    "OW_MAX_SPEND_PER_HOUR",
+    "OW_IDLE_S",
+)
+
+
+class ClusterStateRequest(BaseModel):
+    model_config = {"extra": "forbid", "strict": True}
+
+    wait_s: float = Field(default=0, ge=0, le=60, description="Long-poll up to this long.")
+    version: str | None = Field(
+        default=None, description="Answer at once when the state's version differs from this."
+    )
+
+
+class PendingJob(BaseModel):
+    id: str
+    requires_vram_gb: float = 0
+    allowed_hardware: list[str] | None = None
+    docker_image: str | None = None
+    model: str | None = None
+    queued_at: float
+
+
+class ClusterWorker(BaseModel):
+    id: str
+    name: str
+    status: str
+    hardware_type: str
+    vram_gb: float
+    docker_image: str | None = None
+    any_hardware: bool = False
+    cached_models: list[str] = Field(default_factory=list)
+    provider: str
+    current_run_id: int | None = None
+    last_seen_at: float
+    created_at: float
+    idle_since: float = Field(description="When its last run ended (or it registered).")
+
+
+class ClusterState(BaseModel):
+    object: Literal["cluster.state"] = "cluster.state"
+    version: str
+    now: float = Field(description="The server's clock.")
+    pending: list[PendingJob]
+    pending_total: int
+    workers: list[ClusterWorker]
+
+
+class LeaseRequest(BaseModel):
+    model_config = {"extra": "forbid", "strict": True}
+
+    holder: str = Field(min_length=1, max_length=200)
+    ttl_s: float = Field(default=30, gt=0, le=3600)
+
+
+class LeaseObject(BaseModel):
+    object: Literal["cluster.lease"] = "cluster.lease"
+    held: bool
+    holder: str
+    expires_at: float
+
+
+class LoseWorkerRequest(BaseModel):
+    model_config = {"extra": "forbid", "strict": True}
+
+    reason: str = Field(default="its pod was terminated", max_length=2000)
+
+
+class LostJob(BaseModel):
+    id: str
+    status: str
+    run_id: int
+
+
+class LoseWorkerResponse(BaseModel):
+    worker_id: str
+    jobs: list[LostJob]
+
+
+class ClusterSecretsRequest(BaseModel):
+    model_config = {"extra": "forbid", "strict": True}
+
+    names: list[str] = Field(min_length=1, max_length=len(CLUSTER_SECRET_NAMES))
+
+
+class ClusterSecrets(BaseModel):
+    values: dict[str, str]
+
+
+class RunCost(BaseModel):
+    run_id: int
+    job_id: str
+    status: str
+    hardware_type: str | None = None
+    provider: str
+    started_at: float
+    finished_at: float | None = None
+    price_per_hour: float
+    cost_usd: float
+
+
+class CostReport(BaseModel):
+    object: Literal["cluster.costs"] = "cluster.costs"
+    runs: list[RunCost]
+    by_job: dict[str, float]
+    by_day: dict[str, float] = Field(description="UTC day (YYYY-MM-DD of the run's start) → USD.")
+    total_usd: float
+    note: str = (
+        "Busy time only: runs × catalog price of their worker's hardware. Pod time spent booting "
+        "or idle is billed by the provider too (see docs/cluster.md)."
+    )
+
+
+class EstimateRequest(BaseModel):
+    model_config = {"extra": "forbid", "strict": True}
+
+    requires_vram_gb: float = Field(default=0, ge=0, le=100_000)
+    allowed_hardware: list[str] | None = None
+    docker_image: str | None = None
+
+
+class Estimate(BaseModel):
+    object: Literal["cluster.estimate"] = "cluster.estimate"
+    hardware_type: str | None = Field(description="Cheapest catalog shape that fits; None: none.")
+    price_per_hour: float | None = None
+    idle_workers: int = Field(description="Live idle workers that would take the job now.")
+    busy_workers: int = Field(description="Live busy workers that fit it.")
+    jobs_ahead: int = Field(description="Pending jobs of the org queued before it.")
+    estimated_wait_s: float | None = Field(
+        description="0 with an idle worker; the typical pod boot time when none fits; None when "
+        "it waits for busy workers (their jobs' ends are unknown)."
+    )
+    message: str

@@ -1,0 +1,100 @@
+"""A real (tiny) fine-tune watched in a real browser: the loss curve grows on the page while it
+trains, log-probabilities get one line per dataset and tag, sampled completions per step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openweights.testing import conversations_rows, make_tiny_model, write_jsonl
+from tests.test_dashboard import launch_chromium, login, serve_sqlite
+from tests.test_e2e import worker_token
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    yield from serve_sqlite(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from launch_chromium()
+
+
+def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
+    server, browser, ow, api_key, start_worker, tmp_path
+):
+    """A real tiny fine-tune: the plots page, opened while the job is pending, draws the loss
+    curve as the steps come in; log-probabilities get one line per dataset and tag; the
+    sampling callback's completions show per step."""
+    model = make_tiny_model(tmp_path / "tiny")
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(24))), purpose="conversations"
+    )["id"]
+    probe = ow.files.upload(
+        str(write_jsonl(tmp_path / "probe.jsonl", conversations_rows(3, seed=5))),
+        purpose="conversations",
+    )["id"]
+    steps = 6
+    job = ow.fine_tuning.create(
+        model=str(model),
+        training_file=train,
+        loss="sft",
+        epochs=1,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        r=4,
+        lora_alpha=8,
+        warmup_steps=0,
+        max_seq_length=128,
+        save_steps=1000,
+        merge_before_push=False,
+        eval_every_n_steps=3,
+        logp_callback_datasets={"probe": probe},
+        sampling_callbacks=[{"dataset": probe, "eval_steps": 3, "max_tokens": 4}],
+    )
+    page = login(browser, server, api_key, f"/dashboard/jobs/{job.id}/plots")
+    page.wait_for_selector('#plots[data-ready="1"]', state="attached")
+    assert page.locator("figure.plot").count() == 0  # pending: nothing yet
+
+    start_worker(server.url, worker_token(ow), "--any-hardware", env={"OMP_NUM_THREADS": "2"})
+    page.wait_for_selector('figure[data-metric="loss"]', timeout=300_000)
+    first = int(page.get_attribute('figure[data-metric="loss"]', "data-points"))
+    page.wait_for_selector(f'figure[data-metric="loss"][data-points="{steps}"]', timeout=300_000)
+    assert first < steps, "the curve was drawn before training ended, then grew"
+    page.wait_for_function(
+        "document.querySelector('#plot-state').textContent.includes('job')", timeout=300_000
+    )
+    job = job.wait(timeout=300)
+    assert job.status == "completed", ow.files.content(job.runs[-1].log_file).decode()[-2000:]
+    page.reload()
+    page.wait_for_selector('#plots[data-ready="1"]', state="attached")
+    series = json.loads(page.get_attribute('figure[data-metric="logp_mean"]', "data-series"))
+    assert series and all(s.startswith("logp_mean [dataset=probe, tag=probe") for s in series)
+    assert len(series) == len(set(series))
+    assert page.locator('figure[data-metric="learning_rate"]').count() == 1
+
+    page.goto(f"{server.url}/dashboard/models")
+    row = page.locator("#models tbody tr", has_text=job.id)
+    assert row.count() == 1 and str(model) in row.inner_text()
+
+    page.goto(f"{server.url}/dashboard/jobs/{job.id}/heatmap?dataset=probe&row=1")
+    steps_shown = [
+        int(x)
+        for x in page.locator("#heatmap tbody tr").evaluate_all(
+            "rows => rows.map(r => r.dataset.step)"
+        )
+    ]
+    assert steps_shown[0] == 0 and steps_shown[-1] == steps, steps_shown
+    assert page.locator("#heatmap tbody tr >> nth=0 >> .tok[title]").count() > 0
+
+    page.goto(f"{server.url}/dashboard/jobs/{job.id}/samples")
+    heads = page.locator("#samples thead th").all_inner_texts()
+    assert any(f"step {steps}" in h for h in heads)
+    assert page.locator("#samples tbody tr").count() == 3
+    page.context.close()
