@@ -387,3 +387,16 @@ def test_mass_assignment_and_oversized_bodies_are_refused(api):
     r = api.post("/v1/jobs", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert api.get("/health").status_code == 200
+
+
+def test_jobs_get_org_secrets_but_never_the_cluster_managers_own(api):
+    api.post(
+        "/v1/secrets",
+        json={"secrets": {"HF_TOKEN": "hf_x", "RUNPOD_API_KEY": "rp_x", "OW_MAX_WORKERS": "3"}},
+    )
+    w = register(api)
+    api.post("/v1/jobs", json=job_body(job_id_suffix="env"))
+    got = claim(api, w)
+    assert got["env"]["HF_TOKEN"] == "hf_x"
+    assert "RUNPOD_API_KEY" not in got["env"] and "OW_MAX_WORKERS" not in got["env"]
+    api.post(f"/v1/runs/{got['run']['id']}/complete", json={"status": "completed", "exit_code": 0})

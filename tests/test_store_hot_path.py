@@ -389,7 +389,8 @@ def test_sqlite_nowait_transaction_reports_a_held_write_lock(tmp_path):
         with d.write() as conn:  # holds the write lock (BEGIN IMMEDIATE)
             with pytest.raises(queries.Busy):
                 raw.run(lambda c: None, wait=False)
-            assert raw.run(lambda c: q.run_status, write=False)  # a read does not wait
+            secrets = queries.QUERIES[("secret_env", "")]  # a read does not wait for the lock
+            assert raw.run(lambda c: c.execute(secrets, {"org_id": org}).all(), write=False) == []
             orgs.create_org(conn, "x", 1.0)
         assert raw.run(lambda c: org, wait=False) == org
     finally:

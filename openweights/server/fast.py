@@ -1,13 +1,13 @@
 """The queue's hot routes without FastAPI's per-request machinery.
 
 A worker's claim, heartbeat and completion, and a job's creation, are most of the server's
-requests under load. For them, `FastPath` (plain ASGI, in front of the FastAPI app) parses the few JSON fields itself,
-takes the caller from the token cache, runs the same store code as the FastAPI routes
-(`routes/runs.py`) on the driver's own connection (`queries.RawDatabase`), and writes the answer
-with pydantic's serializer. Anything it does not fully recognise — another content type, a field
-it would have to validate beyond a type and a range, a token not in the cache, a body over 64 KiB
-— goes to the FastAPI route unchanged (the body replayed), so every error answer stays the
-route's own, and the OpenAPI schema still lists these routes.
+requests under load. For them, `FastPath` (plain ASGI, in front of the FastAPI routes) parses
+the JSON itself, takes the caller from the token cache, runs the same route code as the FastAPI
+routes (`routes/runs.py`, `routes/jobs.py`) with the store on the driver's own connection
+(`queries.RawDatabase`), and writes the answer with pydantic's serializer. Anything it does not
+fully recognise — another content type, a query string, a body its checks refuse, a token not in
+the cache, a body over 64 KiB — goes to the FastAPI route unchanged (the body replayed), so every
+error answer stays the route's own, and the OpenAPI schema still lists these routes.
 
 On SQLite a short write transaction runs on the event loop itself when the write lock is free
 (`wait=False`: no thread hop); when another connection holds the lock it runs in a thread that
@@ -128,8 +128,9 @@ def _number(body: dict, key: str, default: float, hi: float) -> float:
 
 class FastPath:
     """ASGI middleware: `POST /v1/jobs`, `POST /v1/workers/{id}/claim`,
-    `POST /v1/runs/{id}/heartbeat` and `POST /v1/runs/{id}/complete`, answered without FastAPI when the request is well formed and
-    its token is cached; every other request passes through untouched."""
+    `POST /v1/runs/{id}/heartbeat` and `POST /v1/runs/{id}/complete`, answered without FastAPI
+    when the request is well formed and its token is cached; every other request passes
+    through untouched."""
 
     def __init__(self, app: Any, state: Any) -> None:
         self.app = app

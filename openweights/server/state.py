@@ -64,5 +64,13 @@ class AppState:
         self.notifier.notify_threadsafe(*keys)
 
     def secret_env(self, conn: Connection, org_id: str) -> dict[str, str]:
-        """The org's decrypted secrets (cached; see `env_cache`)."""
-        return self.env_cache.get(org_id, lambda: orgs.secret_env(conn, org_id, self.box))
+        """The org's decrypted secrets a job gets (cached; see `env_cache`): all but the cluster
+        manager's own (the provider key and its limits), which no job needs."""
+
+        def load() -> dict[str, str]:
+            from openweights.types.cluster import JOB_HIDDEN_SECRETS
+
+            env = orgs.secret_env(conn, org_id, self.box)
+            return {k: v for k, v in env.items() if k not in JOB_HIDDEN_SECRETS}
+
+        return self.env_cache.get(org_id, load)

@@ -14,6 +14,8 @@ CLUSTER_SECRET_NAMES: tuple[str, ...] = (
     "OW_MAX_SPEND_PER_HOUR",
     "OW_IDLE_S",
 )
+#: Org secrets never put in a job's environment: the manager's own.
+JOB_HIDDEN_SECRETS: frozenset[str] = frozenset(CLUSTER_SECRET_NAMES) | {"OW_MANAGED"}
 
 
 class ClusterStateRequest(BaseModel):
