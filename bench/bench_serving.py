@@ -146,8 +146,13 @@ def main() -> None:
             results["load_average"] = os.getloadavg()
             api.down()
         finally:
-            os.killpg(worker.pid, 9)
-            worker.wait()
+            worker.terminate()  # it stops the deployment's job (and its model server) first
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, 9)
+                worker.wait()
+            srv.stop()
     keys = ("latency", "added", "server_cpu_ms_per_request", "load_average")
     print(json.dumps({k: results[k] for k in keys}, indent=1))
     out = Path(args.out)

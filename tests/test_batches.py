@@ -150,3 +150,41 @@ def test_cancelled_batch_stops_its_jobs(client, mow, worker, tiny_model, tmp_pat
     assert done.status == "cancelled" and done.cancelled_at is not None
     errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"} and len(errors) == 16
+
+
+def test_completions_requests_map_to_text_rows_and_text_completion_lines():
+    """`/v1/completions` batches: prompt → a `text` row; the result → OpenAI's text_completion."""
+    from openweights.server.routes.batches import _requests, _response_line, _row, _sampling
+
+    line = {
+        "custom_id": "t1",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "m", "prompt": "Once", "max_tokens": 2, "logprobs": 1, "stop": "."},
+    }
+    data = (json.dumps(line) + "\n").encode()
+    [(n, cid, body)] = _requests("batch:file-x", data, "/v1/completions")
+    assert (n, cid) == (1, "t1")
+    assert _sampling(body, "/v1/completions") == {"max_tokens": 2, "logprobs": 1, "stop": ["."]}
+    assert _row(body, cid) == {"text": "Once", "custom_id": "t1"}
+    job = {
+        "id": "inferencejobs-abc",
+        "finished_at": 5.0,
+        "params": {"validated_params": {"model": "m"}},
+    }
+    lp = [{"token": " up", "logprob": -0.5, "top_logprobs": [{"token": " up", "logprob": -0.5}]}]
+    row = {
+        "text": "Once",
+        "custom_id": "t1",
+        "completion": " up",
+        "finish_reason": "length",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "logprobs": lp,
+    }
+    out = _response_line("batch_x", "/v1/completions", job, row)
+    body = out["response"]["body"]
+    assert out["custom_id"] == "t1" and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == " up"
+    assert body["choices"][0]["logprobs"]["token_logprobs"] == [-0.5]
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}

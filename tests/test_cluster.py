@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -210,3 +211,32 @@ def test_manager_keeps_within_max_workers_and_a_worker_takes_further_jobs(
     ids = {get(server, api_key, f"/v1/jobs/{j['id']}")["worker_id"] for j in jobs}
     assert len(ids) == 1
     wait_until(lambda: p.list() == [], 60, "the pod to stop after the queue drained")
+
+
+def test_manager_counts_other_idle_workers_and_booting_pods_as_capacity(server, api_key, local):
+    from openweights.types.cluster import ClusterState
+
+    p = local(max_pods=3)
+    m = ClusterManager(url=server.url, api_key=api_key, provider=p, config=ManagerConfig())
+    now = time.time()
+    job = {"id": "job-a", "requires_vram_gb": 0, "queued_at": now}
+    mine = {
+        "id": "worker-x",
+        "name": "my-own-ow-worker",  # not a pod of ours: never stopped, but it will take job-a
+        "status": "active",
+        "hardware_type": "cpu",
+        "vram_gb": 0,
+        "provider": "local",
+        "last_seen_at": now,
+        "created_at": now - 600,
+        "idle_since": now - 600,
+    }
+    state = {"version": "v", "now": now, "pending": [job], "pending_total": 1, "workers": [mine]}
+    m.step(ClusterState.model_validate(state))
+    assert m.last_report.launched == [] and p.list() == []
+    # without it, one pod; a second step with the pod still booting launches no other
+    state["workers"] = []
+    m.step(ClusterState.model_validate(state))
+    assert len(m.last_report.launched) == 1
+    m.step(ClusterState.model_validate(state))
+    assert m.last_report.launched == [] and len(p.list()) == 1

@@ -71,7 +71,10 @@ def run_example(server, ow, api_key, start_worker, tiny_model, tmp_path):
 def test_sft_submit_examples(run_example, ow, script):
     out, _ = run_example("sft", script)
     (job,) = ow.jobs.list()
-    assert f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}" in out
+    assert (
+        f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}"
+        in out
+    )
 
 
 def test_logprob_tracking_plots_logps_per_tag(run_example):

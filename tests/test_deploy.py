@@ -64,6 +64,17 @@ def org(server):
     client.close()
 
 
+def stop_worker(proc) -> None:
+    """SIGTERM first: the worker stops its job (and so the model server) before it exits."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def worker(server, org, tmp_path_factory):
     from tests.conftest import base_env
@@ -79,9 +90,7 @@ def worker(server, org, tmp_path_factory):
         start_new_session=True,
     )
     yield proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_worker(proc)
 
 
 def test_vram_estimate_and_grouping_by_base(tiny, tmp_path):
@@ -96,6 +105,24 @@ def test_vram_estimate_and_grouping_by_base(tiny, tmp_path):
         tiny: [str(adapter), tiny],
         "x/y": ["x/y"],
     }
+
+
+def test_front_listens_where_the_worker_is_reachable(monkeypatch):
+    from openweights.jobs.serving import RUNPOD_PORT, public_endpoint
+
+    for var in ("OW_DEPLOY_PUBLIC_URL", "OW_DEPLOY_PORT", "RUNPOD_POD_ID"):
+        monkeypatch.delenv(var, raising=False)
+    host, port, url = public_endpoint()
+    assert host == "127.0.0.1" and url == f"http://127.0.0.1:{port}"  # a local worker: loopback
+    monkeypatch.setenv("RUNPOD_POD_ID", "abc123")
+    assert public_endpoint() == (
+        "0.0.0.0",
+        RUNPOD_PORT,
+        f"https://abc123-{RUNPOD_PORT}.proxy.runpod.net",
+    )
+    monkeypatch.setenv("OW_DEPLOY_PUBLIC_URL", "http://10.0.0.5:9000/")
+    monkeypatch.setenv("OW_DEPLOY_PORT", "9000")
+    assert public_endpoint() == ("0.0.0.0", 9000, "http://10.0.0.5:9000")
 
 
 def test_multi_deploy_serves_lora_adapters_on_one_server_up_and_down(org, worker, tiny, tmp_path):
@@ -156,9 +183,15 @@ def test_deployment_that_fails_to_start_raises_with_its_log_tail(org, worker, tm
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "README.md").write_text("no weights here")
+
+    async def enter():  # `async with` works on the sync client's deployments too
+        async with org.api.deploy(str(broken)):
+            raise AssertionError("it must not come up")
+
     with pytest.raises(DeploymentError, match="did not start") as e:
-        org.api.deploy(str(broken)).up(timeout_s=120)
+        asyncio.run(enter())
     assert "neither config.json" in str(e.value) and "log tail" in str(e.value)
+    assert e.value.job.status == "failed"
 
 
 COOKBOOK = Path(__file__).resolve().parent.parent / "cookbook" / "api-deployment"
@@ -200,3 +233,28 @@ def test_cookbook_gradio_ui_builds_its_chat_on_a_deployment(server, org, worker,
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0 and "launched" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_sync_and_async_twins_match():
+    import inspect
+
+    from openweights.client.api import API, AsyncAPI, AsyncDeployments, Deployments
+    from openweights.client.chat import AsyncChat, AsyncCompletions, Chat, Completions
+
+    io = {"up", "down", "start", "wait_ready", "create", "close"}
+    for sync_cls, async_cls in [
+        (Deployments, AsyncDeployments),
+        (API, AsyncAPI),
+        (Chat, AsyncChat),
+        (Completions, AsyncCompletions),
+    ]:
+        public = {n for n in dir(sync_cls) if not n.startswith("_")}
+        assert public == {n for n in dir(async_cls) if not n.startswith("_")}, sync_cls
+        for name in public:
+            s, a = getattr(sync_cls, name), getattr(async_cls, name)
+            if not inspect.isfunction(s):
+                continue
+            shape = [(p.name, p.kind, p.default) for p in inspect.signature(s).parameters.values()]
+            twin = [(p.name, p.kind, p.default) for p in inspect.signature(a).parameters.values()]
+            assert shape == twin, f"{sync_cls.__name__}.{name}"
+            assert inspect.iscoroutinefunction(a) == (name in io), f"{async_cls.__name__}.{name}"

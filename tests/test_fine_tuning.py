@@ -375,7 +375,26 @@ def test_async_client_checks_rows_at_create_too(server, ow, api_key, tiny_model,
 
     async def create():
         async with AsyncOpenWeights(base_url=server.url, api_key=api_key) as aow:
-            return await aow.fine_tuning.create(model=str(tiny_model), training_file=fid, loss="sft")
+            return await aow.fine_tuning.create(
+                model=str(tiny_model), training_file=fid, loss="sft"
+            )
 
     with pytest.raises(OpenWeightsError, match=r"a.jsonl .*line 3, field messages: no assistant"):
         asyncio.run(create())
+
+
+def test_callback_schedule_and_fixed_output_dir():
+    from openweights.jobs.fine_tuning.callbacks import due
+    from openweights.jobs.fine_tuning.params import TrainingConfig
+
+    assert [s for s in range(1, 301) if due(s, "log")] == [
+        *range(1, 10),
+        *range(10, 100, 10),
+        *range(100, 301, 100),
+    ]
+    assert [s for s in range(0, 10) if due(s, 3)] == [3, 6, 9]
+    base = dict(model="m", training_file="conversations:file-abc", loss="sft")
+    assert TrainingConfig(**base).output_dir == "uploads/model"
+    assert TrainingConfig(**base, output_dir="./tmp").output_dir == "uploads/model"
+    with pytest.raises(ValueError, match="output_dir is fixed"):
+        TrainingConfig(**base, output_dir="/data/run")

@@ -175,7 +175,6 @@ def test_same_seed_same_samples_and_stop_string_rule(tiny_model):
     assert _first_stop("abcd", ["X"], 0) is None
 
 
-
 def test_inference_returns_every_row_with_completion_counts_and_logprobs(
     server, mow, worker, tiny_model, tmp_path
 ):
@@ -227,21 +226,20 @@ def test_inference_returns_every_row_with_completion_counts_and_logprobs(
     assert engine["engine"] == "transformers" and engine["device"] == "cpu"
 
 
-def test_min_tokens_holds_back_stop_strings_and_stop_strings_cut_the_completion(
-    server, mow, worker, tiny_model, tmp_path
-):
+def test_min_tokens_holds_back_stop_strings_and_stop_strings_cut_the_completion(tiny_model):
+    """Engine semantics in-process (the job path is the same code, exercised by the tests above)."""
+    from openweights.jobs.inference.engines import render_prompts
+
     # Nearly every token of the tiny vocabulary decodes to one of these characters.
     stop = list("aeioursnt ")
-    file_id = upload_rows(
-        mow, tmp_path, [{"messages": r["messages"][:1]} for r in conversations_rows(8)]
-    )
-    common = dict(model=str(tiny_model), input_file_id=file_id, max_tokens=16, stop=stop, seed=0)
-    free = mow.inference.create(**common, min_tokens=0)
-    held = mow.inference.create(**common, min_tokens=6)
-    for job in (free, held):
-        job.wait(timeout=300)
-        assert job.status == "completed", log_of(mow, job)[-3000:]
-    free_rows, held_rows = results(mow, free), results(mow, held)
+    rows = [{"messages": r["messages"][:1]} for r in conversations_rows(8)]
+
+    def run(min_tokens: int) -> list[dict]:
+        engine, cfg = _engine(tiny_model, max_tokens=16, stop=stop, seed=0, min_tokens=min_tokens)
+        prompts = render_prompts(list(enumerate(rows, 1)), engine.tokenizer, cfg, model_name="m")
+        return [o for b in engine.generate(prompts) for _, o in b]
+
+    free_rows, held_rows = run(0), run(6)
     assert min(r["completion_tokens"] for r in free_rows) < 6
     assert all(r["completion_tokens"] >= 6 for r in held_rows)
     for r in free_rows:

@@ -3,6 +3,11 @@ a job on a real worker) answering the official `openai` client and `ow.chat` thr
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import httpx
 import pytest
 
@@ -41,13 +46,19 @@ def org(server):
     client.close()
 
 
+def stop_worker(proc) -> None:
+    """SIGTERM first: the worker stops its job (and so the model server) before it exits."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def worker(server, org, tmp_path_factory):
-    import os
-    import signal
-    import subprocess
-    import sys
-
     from tests.conftest import base_env
 
     tmp = tmp_path_factory.mktemp("worker")
@@ -61,9 +72,7 @@ def worker(server, org, tmp_path_factory):
         start_new_session=True,
     )
     yield proc
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_worker(proc)
 
 
 IDLE_S = 10
@@ -99,6 +108,8 @@ def test_official_openai_client_chats_through_the_server(api, tiny):
         client.completions.create(model=tiny, prompt="apple", max_tokens=3, stream=True)
     )
     assert streamed
+    listed = {m.id: m for m in client.models.list()}  # deployed, though not a registered model
+    assert listed[tiny].object == "model" and listed[tiny].model_extra["deployed"] is True
 
 
 def test_ow_chat_completions_plain_and_streamed(org, api, tiny):

@@ -18,9 +18,7 @@ class AdditionParams(BaseModel):
 @register("addition")  # After registering it, we can use it as ow.addition
 class AdditionJob(Jobs):
     # Mount our addition script
-    mount = {
-        os.path.join(os.path.dirname(__file__), "worker_side.py"): "worker_side.py"
-    }
+    mount = {os.path.join(os.path.dirname(__file__), "worker_side.py"): "worker_side.py"}
 
     # Define parameter validation using our Pydantic model
     params = AdditionParams

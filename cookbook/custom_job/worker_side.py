@@ -15,9 +15,7 @@ result = a + b
 ow = OpenWeights()
 ow.run.log({"text": "we can log any dicts"})
 ow.run.log({"text": "they can be fetched via ow.events(job_id=job.id)"})
-ow.run.log(
-    {"text": "you can then access the individual logged items via event['data']"}
-)
+ow.run.log({"text": "you can then access the individual logged items via event['data']"})
 ow.run.log({"result": result})
 
 print(f"{a} + {b} = {result}")

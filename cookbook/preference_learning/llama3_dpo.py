@@ -22,6 +22,4 @@ job = ow.fine_tuning.create(
     allowed_hardware=["1x A100", "1x A100S", "1x H100S", "1x H100N"],
 )
 print(job)
-print(
-    f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}"
-)
+print(f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}")

@@ -20,6 +20,4 @@ job = ow.fine_tuning.create(
     allowed_hardware=["1x L40", "1x A100", "1x A100S"],
 )
 print(job)
-print(
-    f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}"
-)
+print(f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}")

@@ -14,12 +14,8 @@ MODEL = os.environ.get("OW_COOKBOOK_MODEL", "unsloth/Qwen3-4B")
 
 
 def submit_job():
-    training_file = ow.files.upload(path="data/train.jsonl", purpose="conversations")[
-        "id"
-    ]
-    logp_file = ow.files.upload(
-        path="data/logp_tracking.jsonl", purpose="conversations"
-    )["id"]
+    training_file = ow.files.upload(path="data/train.jsonl", purpose="conversations")["id"]
+    logp_file = ow.files.upload(path="data/logp_tracking.jsonl", purpose="conversations")["id"]
     job = ow.fine_tuning.create(
         model=MODEL,
         training_file=training_file,
@@ -61,9 +57,7 @@ def plot_metrics(job, target_dir="outputs/logp_tracking"):
                 # Aggregate per step
                 grouped = df_tmp.groupby("step")[col].agg(["mean", "min", "max"])
                 # Plot the mean as a thick line
-                plt.plot(
-                    grouped.index, grouped["mean"], label=f"{tag} (mean)", linewidth=2
-                )
+                plt.plot(grouped.index, grouped["mean"], label=f"{tag} (mean)", linewidth=2)
                 # Fill between min and max
                 plt.fill_between(
                     grouped.index,
@@ -78,7 +72,7 @@ def plot_metrics(job, target_dir="outputs/logp_tracking"):
         plt.ylabel(col)
         plt.title(f"{col} over steps")
         plt.grid(True)
-        plt.savefig(f'{target_dir}/{col.replace("/", "-")}.png')
+        plt.savefig(f"{target_dir}/{col.replace('/', '-')}.png")
         plt.close()
 
 

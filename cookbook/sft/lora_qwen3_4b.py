@@ -18,6 +18,4 @@ job = ow.fine_tuning.create(
     r=32,
 )
 print(job)
-print(
-    f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}"
-)
+print(f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}")

@@ -28,6 +28,4 @@ job = ow.fine_tuning.create(
     merge_before_push=False,  # Push only the lora adapter
 )
 print(job)
-print(
-    f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}"
-)
+print(f"The model will be pushed to: {job.params['validated_params']['finetuned_model_id']}")

@@ -23,9 +23,7 @@ MODEL = os.environ.get("OW_COOKBOOK_MODEL", "unsloth/Qwen3-4B")
 
 
 def submit_job():
-    training_file = ow.files.upload(path="data/train.jsonl", purpose="conversations")[
-        "id"
-    ]
+    training_file = ow.files.upload(path="data/train.jsonl", purpose="conversations")["id"]
     job = ow.fine_tuning.create(
         model=MODEL,
         training_file=training_file,
@@ -34,9 +32,9 @@ def submit_job():
         eval_every_n_steps=1,
         sampling_callbacks=[
             {
-                "dataset": ow.files.upload(
-                    path="data/prompts.jsonl", purpose="conversations"
-                )["id"],
+                "dataset": ow.files.upload(path="data/prompts.jsonl", purpose="conversations")[
+                    "id"
+                ],
                 "eval_steps": 10,
                 "tag": "samples",
                 "temperature": 1,

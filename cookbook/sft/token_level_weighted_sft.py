@@ -15,12 +15,8 @@ MODEL = os.environ.get("OW_COOKBOOK_MODEL", "unsloth/Qwen3-4B")
 
 
 def submit_job():
-    training_file = ow.files.upload(
-        path="data/weighted_data.jsonl", purpose="conversations"
-    )["id"]
-    logp_file = ow.files.upload(
-        path="data/weighted_data_test.jsonl", purpose="conversations"
-    )["id"]
+    training_file = ow.files.upload(path="data/weighted_data.jsonl", purpose="conversations")["id"]
+    logp_file = ow.files.upload(path="data/weighted_data_test.jsonl", purpose="conversations")["id"]
     job = ow.weighted_sft.create(
         model=MODEL,
         training_file=training_file,

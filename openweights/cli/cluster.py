@@ -689,13 +689,30 @@ def _ssh_runpod(args: argparse.Namespace, cmd: list[str]) -> int:
                 "./",
                 f"root@{host}:{args.remote_dir}/",
             ]
-            excludes = "\n".join(sorted(SKIP_DIRS))
+            excludes = "\n".join(sorted(SKIP_DIRS)).encode()
             subprocess.run(ssh + [f"mkdir -p {shlex.quote(args.remote_dir)}"], check=False)
-            subprocess.run(rsync, input=excludes.encode(), check=False)
+            subprocess.run(rsync, input=excludes, check=False)
         remote = f"cd {shlex.quote(args.remote_dir)} && " + (
             shlex.join(cmd) if cmd else "exec bash -l"
         )
-        return subprocess.call(ssh + ["-t", remote])
+        if args.no_sync:
+            return subprocess.call(ssh + ["-t", remote])
+        import threading
+
+        stop = threading.Event()
+
+        def keep_syncing() -> None:
+            # local edits reach the pod while the shell runs (rsync sends only what changed)
+            while not stop.wait(2.0):
+                subprocess.run(rsync, input=excludes, check=False, capture_output=True)
+
+        syncer = threading.Thread(target=keep_syncing, daemon=True)
+        syncer.start()
+        try:
+            return subprocess.call(ssh + ["-t", remote])
+        finally:
+            stop.set()
+            syncer.join(10)
     finally:
         if not args.keep:
             provider.terminate(pod.id)

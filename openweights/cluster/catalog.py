@@ -163,7 +163,9 @@ class Catalog:
         """
         return list(_candidates(self, requires_vram_gb, tuple(allowed_hardware or ())))
 
-    def _candidates(self, requires_vram_gb: float, allowed_hardware: tuple[str, ...]) -> list[Offer]:
+    def _candidates(
+        self, requires_vram_gb: float, allowed_hardware: tuple[str, ...]
+    ) -> list[Offer]:
         if allowed_hardware:
             found = [self.offer(h) for h in allowed_hardware]
             uniq = {o.hardware_type: o for o in found if o is not None}

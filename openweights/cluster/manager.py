@@ -137,7 +137,7 @@ class HardwareHealth:
 class _Slot:
     """Capacity that will take one pending job: an idle worker or a pod still booting."""
 
-    pod: Pod
+    pod: Pod | None  # None: a worker that is not one of our pods (never stopped by us)
     worker: ClusterWorker | None
     hardware_type: str
     vram_gb: float
@@ -340,10 +340,21 @@ class ClusterManager:
                 )
 
         # Workers named as ours whose pod is gone (preempted, removed by hand): requeue now.
+        # Other live idle workers (a user's own `ow worker`) are capacity too: no pod for what
+        # they will take.
         pod_names = {p.name for p in pods}
         for w in state.workers:
-            if w.name.startswith(self.prefix) and w.name not in pod_names and w.status == "active":
+            if w.status != "active" or w.name in pod_names:
+                continue
+            if w.name.startswith(self.prefix):
                 self._lose(w, f"its pod {w.name} is gone")
+            elif (
+                w.current_run_id is None
+                and state.now - w.last_seen_at < self.config.heartbeat_timeout_s
+            ):
+                slots.append(
+                    _Slot(None, w, w.hardware_type, w.vram_gb, w.docker_image, w.any_hardware)
+                )
 
         unmatched = self._match(state.pending, slots)
         next_s = min(next_s, self._stop_idle(state, slots, report))
@@ -387,7 +398,7 @@ class ClusterManager:
     def _stop_idle(self, state: ClusterState, slots: list[_Slot], report: StepReport) -> float:
         next_s = self.config.max_wait_s
         for s in slots:
-            if s.used or s.worker is None:
+            if s.used or s.worker is None or s.pod is None:
                 continue
             idle_for = state.now - s.worker.idle_since
             if idle_for < self.config.idle_s:

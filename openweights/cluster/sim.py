@@ -74,7 +74,11 @@ def make_workload(n_jobs: int = 2000, n_orgs: int = 3, seed: int = 1) -> Workloa
                 job = SimJob(f"j{i}", org, at, rng.uniform(1200, 3600), requires_vram_gb=70)
             else:
                 job = SimJob(
-                    f"j{i}", org, at, rng.uniform(3600, 10800), allowed_hardware=["1x H200", "2x A100"]
+                    f"j{i}",
+                    org,
+                    at,
+                    rng.uniform(3600, 10800),
+                    allowed_hardware=["1x H200", "2x A100"],
                 )
             job.queued_at = at
             jobs.append(job)
@@ -200,7 +204,9 @@ class World:
 
     def list_pods(self, prefix: str) -> list[Pod]:
         return [
-            self._pod(p) for p in self.pods.values() if p.ended is None and p.name.startswith(prefix)
+            self._pod(p)
+            for p in self.pods.values()
+            if p.ended is None and p.name.startswith(prefix)
         ]
 
     # -- server side ----------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def _wait_ready(
     log: Path,
     timeout_s: float,
 ) -> None:
-    """Until every model answers a one-token completion (loads them, too)."""
+    """Until every model answers a one-token completion (which loads it, too)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -274,13 +274,10 @@ def _wait_ready(
                     f"the model server did not answer within {timeout_s:g} s:\n" + _tail(log)
                 )
             m = pending[0]
-            body = {
-                "model": m.upstream,
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 1,
-            }
+            # a text completion: base models without a chat template answer it too
+            body = {"model": m.upstream, "prompt": "hi", "max_tokens": 1}
             try:
-                r = http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+                r = http.post(f"{url}/v1/completions", json=body, headers=headers)
             except httpx.TransportError:
                 time.sleep(PROBE_INTERVAL_S)  # not listening yet; nothing to be woken by
                 continue

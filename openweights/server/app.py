@@ -136,6 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.notifier.close()
             if getattr(state, "hot", None) is not None:
                 state.hot.close()
+            await state.deployments.close()  # the keep-alive connections to deployments
             state.db.dispose()
 
     app = FastAPI(

@@ -1,7 +1,6 @@
 """Wire models shared by the server and the SDK: one definition per request and response."""
 
 from openweights.types.common import ErrorBody, ErrorResponse, Page
-from openweights.types.models import ModelList, ModelObject
 from openweights.types.files import FileCheckRequest, FileCheckResponse, FileObject, Purpose
 from openweights.types.jobs import (
     TERMINAL_STATUSES,
@@ -10,6 +9,7 @@ from openweights.types.jobs import (
     JobObject,
     JobStatus,
 )
+from openweights.types.models import ModelList, ModelObject
 from openweights.types.orgs import (
     MeResponse,
     OrgObject,

@@ -13,17 +13,25 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    kind: Literal["full", "adapter"] = Field(description="A full model, or a LoRA adapter.")
+    kind: Literal["full", "adapter"] | None = Field(
+        default=None,
+        description="A full model, or a LoRA adapter (None: deployed, not registered).",
+    )
     base_model: str | None = Field(default=None, description="What the job started from.")
     job_id: str | None = None
     run_id: int | None = None
-    files: dict[str, str] = Field(description="Path under the model root → file id.")
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Path under the model root → file id."
+    )
     checkpoints: list[str] = Field(
         default_factory=list,
         description="Subfolders such as `checkpoint-10`: `name/checkpoint-10`.",
     )
     bytes: int = 0
     updated_at: float
+    deployed: bool = Field(
+        default=False, description="A running deployment serves it at `/v1/chat/completions`."
+    )
 
 
 class ModelList(BaseModel):

@@ -50,7 +50,11 @@ def main() -> int:
                 }
             )
             print(f"[openweights] serving {', '.join(s.model_names)} at {s.base_url}", flush=True)
+            worker = os.getppid()
             while not stop.wait(CHECK_INTERVAL_S):
+                if os.getppid() != worker:  # the worker died (SIGKILL): nobody routes here now
+                    print("[openweights] the worker is gone: stopping", file=sys.stderr, flush=True)
+                    return 1
                 if s.process.poll() is not None:
                     print(
                         f"[openweights] the model server exited with code {s.process.returncode}",

@@ -6,6 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: File purposes of chats: test files, logp and sampling datasets.
+CHAT_PURPOSES = ("conversations", "weighted_conversations")
 #: Where a training job writes its model (and checkpoints): stored as the job's results.
 OUTPUT_DIR = "uploads/model"
 
@@ -136,23 +138,18 @@ class TrainingConfig(BaseModel):
                 f"got a {purpose!r} file ({self.training_file}); upload it with "
                 f"purpose={want[0]!r}."
             )
-        for name, fid in (
-            [("test_file", self.test_file)]
-            + [
-                (f"logp_callback_datasets[{k!r}]", v)
-                for k, v in self.logp_callback_datasets.items()
-            ]
-            + [
-                (f"sampling_callbacks[{i}].dataset", s.dataset)
+        chat_files = {"test_file": self.test_file}
+        chat_files.update(
+            {f"logp_callback_datasets[{k!r}]": v for k, v in self.logp_callback_datasets.items()}
+        )
+        chat_files.update(
+            {
+                f"sampling_callbacks[{i}].dataset": s.dataset
                 for i, s in enumerate(self.sampling_callbacks or [])
-            ]
-        ):
-            if (
-                fid
-                and ":file-" in fid
-                and fid.split(":", 1)[0]
-                not in self.sft_purposes + ("conversations", "weighted_conversations")
-            ):
+            }
+        )
+        for name, fid in chat_files.items():
+            if fid and ":file-" in fid and fid.split(":", 1)[0] not in CHAT_PURPOSES:
                 raise ValueError(f"{name}: must be a 'conversations' file, got {fid!r}.")
         if self.load_in_4bit and self.logp_callback_datasets:
             raise ValueError("logp_callback_datasets: not supported together with load_in_4bit.")

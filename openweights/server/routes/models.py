@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends, Query, Request
 
 from openweights import types as t
@@ -36,14 +38,30 @@ async def list_models(
     limit: int = Query(default=100, ge=1, le=1000),
     p: Principal = Depends(principal),
 ) -> t.ModelList:
-    """Models this organization's jobs produced, newest first (OpenAI's list shape)."""
+    """Models this organization's jobs produced, newest first, then models that running
+    deployments serve without being registered (OpenAI's list shape; `deployed` says which
+    ones `/v1/chat/completions` answers for now)."""
     state = request.app.state.ow
 
     def work():
         with state.db.read() as conn:
             return mstore.list_models(conn, p.org_id, limit=limit, base_model=base_model)
 
-    return t.ModelList(data=[model_object(r) for r in await state.call(work)])
+    models = [model_object(r) for r in await state.call(work)]
+    # what `/v1/chat/completions` can answer for now: registered or not
+    served = set((await state.deployments.table(state, p.org_id)).routes)
+    for m in models:
+        m.deployed = m.id in served
+    if base_model is None:
+        now = time.time()
+        known = {m.id for m in models}
+        models += [
+            t.ModelObject(
+                id=name, created=int(now), owned_by=p.org_id, updated_at=now, deployed=True
+            )
+            for name in sorted(served - known)
+        ]
+    return t.ModelList(data=models)
 
 
 @router.get("/models/{name:path}", response_model=t.ModelObject)
