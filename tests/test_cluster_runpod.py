@@ -211,7 +211,7 @@ def test_restarted_manager_adopts_running_pods_and_two_managers_never_double(
 ):
     gate = tmp_path / "go"
     script = f"while [ ! -f {gate} ]; do sleep 0.2; done; echo released"
-    first = managers.start(server, api_key, provider(double), idle_s=2.0)
+    first = managers.start(server, api_key, provider(double), idle_s=8.0)
     jobs = [
         submit(server, api_key, script + f" {i}", allowed_hardware=["1x A40"]) for i in range(2)
     ]
@@ -223,8 +223,8 @@ def test_restarted_manager_adopts_running_pods_and_two_managers_never_double(
     assert len(double.created) == 2
     managers.stop(first)  # pods keep running without a manager
     # two new managers at once: one holds the lease, both see the same two pods
-    a = managers.start(server, api_key, provider(double), idle_s=2.0)
-    b = managers.start(server, api_key, provider(double), idle_s=2.0)
+    a = managers.start(server, api_key, provider(double), idle_s=8.0)
+    b = managers.start(server, api_key, provider(double), idle_s=8.0)
     extra = submit(server, api_key, "echo third", allowed_hardware=["1x A40"])
     wait_until(lambda: len(double.created) == 3, 60, "one pod for the third job")
     gate.touch()

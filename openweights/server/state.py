@@ -63,14 +63,14 @@ class AppState:
         before the call's own result, so it has happened when the route answers."""
         self.notifier.notify_threadsafe(*keys)
 
+    def org_secrets(self, conn: Connection, org_id: str) -> dict[str, str]:
+        """All the org's decrypted secrets (cached; see `env_cache`)."""
+        return self.env_cache.get(org_id, lambda: orgs.secret_env(conn, org_id, self.box))
+
     def secret_env(self, conn: Connection, org_id: str) -> dict[str, str]:
-        """The org's decrypted secrets a job gets (cached; see `env_cache`): all but the cluster
-        manager's own (the provider key and its limits), which no job needs."""
+        """The org's secrets a job gets: all but the cluster manager's own (the provider key and
+        its limits), which no job needs."""
+        from openweights.types.cluster import JOB_HIDDEN_SECRETS
 
-        def load() -> dict[str, str]:
-            from openweights.types.cluster import JOB_HIDDEN_SECRETS
-
-            env = orgs.secret_env(conn, org_id, self.box)
-            return {k: v for k, v in env.items() if k not in JOB_HIDDEN_SECRETS}
-
-        return self.env_cache.get(org_id, load)
+        env = self.org_secrets(conn, org_id)
+        return {k: v for k, v in env.items() if k not in JOB_HIDDEN_SECRETS}

@@ -130,7 +130,7 @@ async def cluster_secrets(
 
     def work():
         with state.db.read() as conn:
-            return state.secret_env(conn, p.org_id)
+            return state.org_secrets(conn, p.org_id)
 
     env = await state.call(work)
     return ct.ClusterSecrets(values={n: env[n] for n in body.names if n in env})
