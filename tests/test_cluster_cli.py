@@ -16,6 +16,19 @@ from tests.conftest import ROOT, base_env, wait_until
 from tests.test_cluster import get, submit
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """SQLite only: the manager is a client of the API and its logic does not depend on the
+    back end; tests/test_cluster.py and the dashboard's query test run the cluster routes on
+    PostgreSQL too (CI time is scarce)."""
+    from tests.conftest import Server, _server_env
+
+    home = tmp_path_factory.mktemp("server-cluster")
+    srv = Server(home=home, env=_server_env(request, "sqlite", home)).start()
+    yield srv
+    srv.stop()
+
+
 def env_for(server, key: str, home: Path, **extra: str) -> dict[str, str]:
     env = base_env(home)
     env.update(OPENWEIGHTS_URL=server.url, OPENWEIGHTS_API_KEY=key, **extra)

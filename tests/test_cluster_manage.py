@@ -18,6 +18,19 @@ from tests.test_cluster import get, submit
 from tests.test_cluster_cli import env_for, ow
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """SQLite only: the manager is a client of the API and its logic does not depend on the
+    back end; tests/test_cluster.py and the dashboard's query test run the cluster routes on
+    PostgreSQL too (CI time is scarce)."""
+    from tests.conftest import Server, _server_env
+
+    home = tmp_path_factory.mktemp("server-cluster")
+    srv = Server(home=home, env=_server_env(request, "sqlite", home)).start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def procs():
     made: list[subprocess.Popen] = []

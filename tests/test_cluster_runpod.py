@@ -19,6 +19,20 @@ from tests.conftest import wait_until
 from tests.runpod_double import RunPodDouble
 from tests.test_cluster import Running, get, submit
 
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """SQLite only: the manager is a client of the API and its logic does not depend on the
+    back end; tests/test_cluster.py and the dashboard's query test run the cluster routes on
+    PostgreSQL too (CI time is scarce)."""
+    from tests.conftest import Server, _server_env
+
+    home = tmp_path_factory.mktemp("server-cluster")
+    srv = Server(home=home, env=_server_env(request, "sqlite", home)).start()
+    yield srv
+    srv.stop()
+
+
 A100 = "NVIDIA A100 80GB PCIe"
 H100 = "NVIDIA H100 80GB HBM3"
 
