@@ -168,7 +168,9 @@ def test_manager_starts_a_worker_for_a_job_then_stops_it_when_idle(
     server, api_key, local, managers
 ):
     p = local(max_pods=2)
-    m = managers.start(server, api_key, p, idle_s=3.0)
+    # idle_s leaves room for job2's submission on a loaded machine: a worker idle longer than
+    # that is being stopped when job2 arrives, and a second pod is right then
+    m = managers.start(server, api_key, p, idle_s=8.0)
     job = submit(server, api_key, "echo hello-from-pod", requires_vram_gb=0)
     done = wait_until(
         lambda: (j := get(server, api_key, f"/v1/jobs/{job['id']}"))["status"] == "completed" and j,

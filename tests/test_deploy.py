@@ -258,3 +258,27 @@ def test_sync_and_async_twins_match():
             twin = [(p.name, p.kind, p.default) for p in inspect.signature(a).parameters.values()]
             assert shape == twin, f"{sync_cls.__name__}.{name}"
             assert inspect.iscoroutinefunction(a) == (name in io), f"{async_cls.__name__}.{name}"
+
+
+def test_streamed_answers_are_renamed_even_when_a_chunk_splits_the_model_name():
+    import asyncio
+
+    from openweights.jobs.serving import _renamed_events
+
+    data = (
+        b'data: {"id":"1","model":"/tmp/merged/adapter-0","x":1}\n\n'
+        b'data: {"model":"/tmp/merged/adapter-0"}\n\ndata: [DONE]\n\n'
+    )
+
+    async def run(size: int) -> bytes:
+        async def chunks():
+            for i in range(0, len(data), size):
+                yield data[i : i + size]
+
+        return b"".join(
+            [c async for c in _renamed_events(chunks(), "/tmp/merged/adapter-0", "lab/lora")]
+        )
+
+    for size in (1, 5, 7, 64, len(data)):
+        out = asyncio.run(run(size))
+        assert out == data.replace(b"/tmp/merged/adapter-0", b"lab/lora"), size

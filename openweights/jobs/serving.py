@@ -448,8 +448,12 @@ class Front:
 
             async def chunks():
                 try:
-                    async for chunk in body_chunks:
-                        yield _rename(chunk, upstream, name) if upstream != name else chunk
+                    if upstream == name:
+                        async for chunk in body_chunks:
+                            yield chunk
+                    else:
+                        async for event in _renamed_events(body_chunks, upstream, name):
+                            yield event
                 finally:
                     await close(release)
                     self.in_flight -= 1
@@ -507,6 +511,20 @@ class Front:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(5)
+
+
+async def _renamed_events(chunks: Any, upstream: str, name: str) -> Any:
+    """SSE chunks with the model renamed, one whole event at a time: a chunk from the model server
+    may end inside the model string, which a per-chunk replace would miss."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        cut = pending.rfind(b"\n\n")
+        if cut >= 0:
+            yield _rename(pending[: cut + 2], upstream, name)
+            pending = pending[cut + 2 :]
+    if pending:
+        yield _rename(pending, upstream, name)
 
 
 def _rename(chunk: bytes, upstream: str, name: str) -> bytes:

@@ -31,6 +31,11 @@ async def cluster_state(
 
     def read():
         with state.db.read() as conn:
+            if conn.dialect.name == "postgresql":
+                # One snapshot for jobs and workers: a claim committing between the two reads
+                # would show a job still pending *and* its worker busy, and the manager would
+                # launch a second pod for it (seen in tests/test_cluster.py on PostgreSQL).
+                conn.execution_options(isolation_level="REPEATABLE READ")
             return cq.snapshot(conn, p.org_id, state.db.now(conn))
 
     while True:
