@@ -407,8 +407,6 @@ def test_unknown_model_adapter_without_base_and_too_long_prompt_fail_with_clear_
 def test_finetuned_model_id_of_an_earlier_fine_tune_is_a_model(
     server, mow, worker, tiny_model, tmp_path
 ):
-    if not hasattr(mow, "models"):
-        pytest.skip("the model registry (ow.models) is not in this build yet")
     train = mow.files.upload(
         str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(8))), purpose="conversations"
     ).id
