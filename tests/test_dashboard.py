@@ -337,7 +337,7 @@ def test_dashboard_queries_run_on_each_backend(db):
     queue) give the same answers on SQLite and PostgreSQL."""
     from sqlalchemy import insert
 
-    from openweights.server.dashboard import _queries as dq
+    from openweights.store import dashboard as dq
     from openweights.store import jobs as q
     from openweights.store import orgs
     from openweights.store import schema as s

@@ -24,7 +24,6 @@ from fastapi.responses import (
 )
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from openweights.server.dashboard import _queries as dq
 from openweights.server.dashboard import _render
 from openweights.server.dashboard._session import (
     COOKIE,
@@ -40,6 +39,7 @@ from openweights.server.dashboard._session import (
 )
 from openweights.server.env_cache import secrets_key
 from openweights.server.notify import job_key, queue_key, run_key
+from openweights.store import dashboard as dq
 from openweights.store import files as fstore
 from openweights.store import jobs as q
 from openweights.store import orgs

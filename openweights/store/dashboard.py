@@ -1,9 +1,5 @@
 """Read-only queries the dashboard needs beyond the API's store functions (search, facets,
-metric series). They read the store's tables and never write.
-
-TODO(lead): these belong in `openweights/store/` (SQL only in store/); they live here so that the
-dashboard changes no store module while others edit them.
-"""
+metric series). They read the store's tables and never write."""
 
 from __future__ import annotations
 
