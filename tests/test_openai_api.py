@@ -3,16 +3,10 @@ a job on a real worker) answering the official `openai` client and `ow.chat` thr
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import httpx
 import pytest
 
 from openweights.testing import make_tiny_model
-from tests.test_e2e import worker_token
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -46,40 +40,14 @@ def org(server):
     client.close()
 
 
-def stop_worker(proc) -> None:
-    """SIGTERM first: the worker stops its job (and so the model server) before it exits."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def worker(server, org, tmp_path_factory):
-    from tests.conftest import base_env
-
-    tmp = tmp_path_factory.mktemp("worker")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openweights.worker", "--url", server.url]
-        + ["--token", worker_token(org), "--name", "w", "--any-hardware"],
-        env=base_env(tmp / "home"),
-        stdout=open(tmp / "worker.log", "ab"),
-        stderr=subprocess.STDOUT,
-        cwd=tmp,
-        start_new_session=True,
-    )
-    yield proc
-    stop_worker(proc)
-
+# the same module-scoped worker as the deployment tests (SIGTERM first at teardown)
+from tests.test_deploy import stop_worker, worker  # noqa: E402, F401, F811
 
 IDLE_S = 10
 
 
 @pytest.fixture(scope="module")
-def api(org, worker, tiny):
+def api(org, worker, tiny):  # noqa: F811 (pytest fixture by name)
     """`ow.chat` deploys the model on first use; the tests hold it (keep-alive) until the last."""
     org.chat.deploy_kwargs = {"idle_timeout_s": IDLE_S}
     c = org.chat.completions.create(model=tiny, messages=MSG, max_tokens=2)
