@@ -142,6 +142,25 @@ def _engine(tiny_model, **params):
     return TransformersEngine.load(resolve_model(cfg.model), cfg), cfg
 
 
+@pytest.mark.parametrize(
+    ("model", "gb"),
+    [
+        ("unsloth/Qwen3-4B", 23.0),
+        ("meta-llama/Llama-3.3-70B-Instruct", 155.0),
+        ("unsloth/llama-3-8b-Instruct", 31.0),
+        ("Qwen/Qwen2.5-0.5B-Instruct", 16.0),
+        ("unsloth/Llama-3.3-70B-Instruct-bnb-4bit", 50.0),
+        # a registered fine-tune's name carries a job id whose hex digits are no size
+        ("org-1/Qwen3-4B-ftjob-3f2a123456b0", 23.0),
+        ("org-1/tiny-ftjob-123456789b", 79.0),
+    ],
+)
+def test_vram_guess_reads_the_size_from_the_name_never_from_a_job_id(model, gb):
+    from openweights.jobs.inference.params import guess_vram_gb
+
+    assert guess_vram_gb(model) == gb
+
+
 def test_prefill_starts_each_answer_and_a_trailing_assistant_message_is_continued(tiny_model):
     from openweights.jobs.inference.engines import render_prompts
 

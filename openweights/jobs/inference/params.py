@@ -106,7 +106,10 @@ class InferenceConfig(BaseModel):
         return self
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])")
+# a size is its own dash-separated part of the name ("Qwen3-4B", "llama-3-8b-Instruct"), so a job
+# id's hex digits ("ftjob-3f2a123456b0") never read as billions of parameters
+_SIZE = re.compile(r"(?:^|[-_/.])(\d+(?:\.\d+)?)[bB](?=$|[-_/.])")
+_JOB_ID = re.compile(r"[a-z]+-[0-9a-f]{8,}")
 
 
 def guess_vram_gb(model: str, quantization: str | None = None) -> float:
@@ -121,7 +124,8 @@ def guess_vram_gb(model: str, quantization: str | None = None) -> float:
         gb = sum(p.stat().st_size for p in weights) / 1e9
         # a tiny local model needs no 15 GB cache: scale the cache with the weights
         return round(gb + min(15.0, 1.0 + gb), 1)
-    m = _SIZE.search(model.rsplit("/", 1)[-1]) or _SIZE.search(model)
+    named = _JOB_ID.sub("", model)
+    m = _SIZE.search(named.rsplit("/", 1)[-1]) or _SIZE.search(named)
     billions = float(m.group(1)) if m else 32.0
     gb = 2 * billions
     q = (quantization or "").lower()
