@@ -186,3 +186,40 @@ models = Table(
     Column("updated_at", Float, nullable=False),
     Index("ix_models_org_updated", "org_id", "updated_at"),
 )
+
+cluster_pods = Table(
+    # Every pod a cluster manager launched, as billed by its provider: launch to termination,
+    # boot and idle time included (runs only cover busy time). Written by the manager through
+    # `/v1/cluster/pods`; a restarted manager fills in what it missed from the provider's list.
+    "cluster_pods",
+    metadata,
+    Column("org_id", String(64), ForeignKey("orgs.id"), primary_key=True),
+    Column("provider", String(64), primary_key=True),
+    Column("pod_id", String(200), primary_key=True),
+    Column("name", String(200), nullable=False),  # also its worker's name
+    Column("hardware_type", String(64), nullable=False),
+    Column("price_per_hour", Float, nullable=False),
+    Column("image", String(500), nullable=True),
+    Column("token_id", String(64), nullable=True),  # the pod's own worker token
+    Column("job_id", String(200), nullable=True),  # the job it was launched for
+    Column("worker_id", String(64), nullable=True),
+    Column("launched_at", Float, nullable=False),
+    Column("registered_at", Float, nullable=True),
+    Column("terminated_at", Float, nullable=True),
+    Column("termination_reason", Text, nullable=True),
+    Index("ix_cluster_pods_org_launched", "org_id", "launched_at"),
+    Index("ix_cluster_pods_org_name", "org_id", "name"),
+)
+
+cluster_waits = Table(
+    # Why the cluster manager starts no pod for a pending job (spend cap, cooldown, no hardware,
+    # max workers, a pod booting for it): the manager replaces its org's rows each step, and a
+    # job's `pending_reason` shows the row until `expires_at` (a manager that died says nothing).
+    "cluster_waits",
+    metadata,
+    Column("org_id", String(64), ForeignKey("orgs.id"), primary_key=True),
+    Column("job_id", String(200), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
