@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -1025,3 +1026,30 @@ def test_serve_and_service_commands_call_their_modules(
         "openweights service stopped",
         "openweights service running at http://127.0.0.1:1",
     ]
+
+
+def test_deployment_keepalive_thread_ends_quietly_when_its_client_is_closed(api, monkeypatch):
+    import threading
+
+    from openweights.client.api import API
+
+    hits: list[str] = []
+    crashes: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
+
+    def keepalive(request: httpx.Request) -> httpx.Response:
+        hits.append(request.url.path)
+        return httpx.Response(200, json={})
+
+    ow = OpenWeights(base_url=BASE, api_key="ow_test", transport=httpx.MockTransport(keepalive))
+    deployment = API(ow, {"model": "m", "idle_timeout_s": 0.1})  # a keepalive every 0.5 s
+    deployment.job_id = "apijob-1"
+    deployment._start_keepalive()
+    deadline = time.monotonic() + 10
+    while not hits and time.monotonic() < deadline:
+        deployment._keeper.join(0.05)
+    assert hits == ["/v1/deployments/apijob-1/keepalive"]
+    ow.close()
+    deployment._keeper.join(5)
+    assert not deployment._keeper.is_alive()
+    assert crashes == []  # no "client has been closed" traceback from the thread

@@ -196,6 +196,11 @@ class SyncHTTP(BaseHTTP):
         with self.stream_response(method, path, params=params, timeout_s=timeout_s) as response:
             yield from response.iter_bytes(chunk_size)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called (background threads stop then)."""
+        return self._client.is_closed
+
     def close(self) -> None:
         self._client.close()
 

@@ -257,9 +257,14 @@ class API(_APIBase):
         job_id = self.job_id
 
         def loop() -> None:
-            while not self._stop.wait(self._keepalive_every_s()):
+            http = self._client._http
+            while not self._stop.wait(self._keepalive_every_s()) and not http.closed:
                 try:
-                    self._client._http.request("POST", f"/v1/deployments/{job_id}/keepalive")
+                    http.request("POST", f"/v1/deployments/{job_id}/keepalive")
+                except RuntimeError:
+                    if http.closed:  # the client was closed between the check and the call
+                        return
+                    raise
                 except NotFoundError:
                     self._ready = False
                     return  # it stopped (canceled elsewhere, failed)
