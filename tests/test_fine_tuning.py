@@ -398,3 +398,214 @@ def test_callback_schedule_and_fixed_output_dir():
     assert TrainingConfig(**base, output_dir="./tmp").output_dir == "uploads/model"
     with pytest.raises(ValueError, match="output_dir is fixed"):
         TrainingConfig(**base, output_dir="/data/run")
+
+
+# ------------------------------------------------------------------ engines
+
+
+def _choose(**overrides):
+    from openweights.jobs.fine_tuning._engine import choose_engine
+
+    probes = dict(
+        use_unsloth=None,
+        load_in_4bit=False,
+        loss="sft",
+        is_peft=True,
+        from_adapter=False,
+        cuda=True,
+        bf16=True,
+        unsloth_available=True,
+        bnb_available=True,
+    )
+    return choose_engine(**{**probes, **overrides})
+
+
+def test_engine_choice_follows_the_probes_and_use_unsloth():
+    from openweights.jobs.fine_tuning._engine import EngineError
+
+    # CUDA + unsloth installed: auto picks it for a new LoRA with SFT, in bf16
+    e = _choose()
+    assert (e.name, e.device, e.dtype, e.load_in_4bit, e.label) == (
+        "unsloth",
+        "cuda",
+        "bfloat16",
+        False,
+        "unsloth+trl+peft",
+    )
+    assert _choose(load_in_4bit=True).load_in_4bit
+    # forced off, or not installed: transformers (4-bit through bitsandbytes)
+    assert _choose(use_unsloth=False).name == "transformers"
+    e = _choose(unsloth_available=False, load_in_4bit=True)
+    assert (e.name, e.dtype, e.load_in_4bit, e.notes) == ("transformers", "bfloat16", True, [])
+    # auto skips unsloth where it does not apply, and says why
+    e = _choose(loss="dpo")
+    assert e.name == "transformers" and "use_unsloth=True" in e.notes[0]
+    assert "new LoRA" in _choose(from_adapter=True).notes[0]
+    assert "new LoRA" in _choose(is_peft=False).notes[0]
+    assert _choose(loss="dpo", use_unsloth=True).name == "unsloth"  # opt-in for preferences
+    # GPUs without bf16: float32 weights on the plain path, float16 with unsloth
+    assert _choose(bf16=False).dtype == "float16"
+    assert _choose(bf16=False, use_unsloth=False).dtype == "float32"
+    # asked for but impossible on this CUDA worker: the job fails with the fix
+    with pytest.raises(EngineError, match=r"unsloth is not installed.*openweights\[unsloth\]"):
+        _choose(use_unsloth=True, unsloth_available=False)
+    with pytest.raises(EngineError, match="new LoRA on a base model"):
+        _choose(use_unsloth=True, from_adapter=True)
+    with pytest.raises(EngineError, match=r"bitsandbytes.*openweights\[bnb\]"):
+        _choose(use_unsloth=False, load_in_4bit=True, bnb_available=False)
+    # CPU: transformers in float32 whatever was asked; what was ignored is said
+    e = _choose(cuda=False, bf16=False, load_in_4bit=True, use_unsloth=True)
+    assert (e.name, e.device, e.dtype, e.load_in_4bit) == ("transformers", "cpu", "float32", False)
+    assert e.notes == [
+        "CPU: training in float32",
+        "load_in_4bit ignored: 4-bit needs CUDA and bitsandbytes; loading in float32",
+        "use_unsloth ignored: unsloth needs CUDA",
+    ]
+
+
+def test_engine_probes_do_not_import_unsloth_and_the_entry_imports_no_trainer_early(tiny_model):
+    """unsloth must be imported before transformers/TRL/PEFT: up to the engine choice, the job
+    process has imported none of them (and the probes import nothing)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from openweights.jobs.fine_tuning import entry
+from openweights.jobs.fine_tuning._engine import is_bitsandbytes_available, is_unsloth_available
+from openweights.jobs.model_source import resolve_model
+from openweights.jobs.weighted_sft import entry as weighted_entry
+is_unsloth_available(), is_bitsandbytes_available()
+resolve_model({str(tiny_model)!r})
+print(sorted(m for m in ("transformers", "trl", "peft", "unsloth", "bitsandbytes") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_use_unsloth_and_load_in_4bit_are_validated_at_create(server, ow, tiny_model, tmp_path):
+    from openweights import OpenWeightsError
+
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "t.jsonl", conversations_rows(4))), purpose="conversations"
+    )["id"]
+    with pytest.raises(OpenWeightsError, match="load_in_4bit: 4-bit weights cannot be trained"):
+        ow.fine_tuning.create(
+            model=str(tiny_model), training_file=train, loss="sft", load_in_4bit=True, is_peft=False
+        )
+    with pytest.raises(OpenWeightsError, match="use_unsloth"):
+        ow.fine_tuning.create(
+            model=str(tiny_model), training_file=train, loss="sft", use_unsloth="fast"
+        )
+    from openweights.jobs.fine_tuning.params import TrainingConfig
+
+    assert TrainingConfig.model_fields["use_unsloth"].default is None
+    assert "CPU worker ignores it" in TrainingConfig.model_fields["load_in_4bit"].description
+
+
+def test_cpu_worker_ignores_4bit_and_unsloth_and_says_so_in_the_engine_event(
+    server, ow, trainer_worker, tiny_model, tmp_path
+):
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(8))), purpose="conversations"
+    )["id"]
+    job = ow.fine_tuning.create(
+        model=str(tiny_model),
+        training_file=train,
+        loss="sft",
+        load_in_4bit=True,
+        use_unsloth=True,
+        **{**SMALL, "max_steps": 2},
+    ).wait(timeout=600)
+    assert job.status == "completed", job.error
+    assert job.params["validated_params"]["use_unsloth"] is True
+    engine = next(e for e in _events(ow, job) if e.get("type") == "engine")
+    assert engine["device"] == "cpu" and engine["dtype"] == "float32"
+    assert engine["engine"] == "transformers+trl+peft"
+    assert engine["load_in_4bit"] is False and engine["unsloth"] is False
+    assert "load_in_4bit ignored" in engine["note"] and "use_unsloth ignored" in engine["note"]
+
+
+# ------------------------------------------------------------------ GPU (a lent machine)
+
+
+@pytest.fixture
+def cuda_gpu():
+    """torch, on a CUDA machine; first in a test's fixtures so that it skips before any worker
+    starts."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch
+
+
+GPU_ENGINES = [
+    pytest.param(dict(use_unsloth=False), "transformers", False, id="bf16"),
+    pytest.param(dict(use_unsloth=False, load_in_4bit=True), "transformers", True, id="4bit"),
+    pytest.param(dict(use_unsloth=True), "unsloth", False, id="unsloth"),
+    pytest.param(dict(use_unsloth=True, load_in_4bit=True), "unsloth", True, id="unsloth-4bit"),
+]
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.parametrize("asks,engine_name,four_bit", GPU_ENGINES)
+def test_gpu_fine_tune_trains_with_each_engine_and_reports_it(
+    cuda_gpu, server, ow, trainer_worker, tiny_model, tmp_path, asks, engine_name, four_bit
+):
+    """On a lent GPU: SFT with eval, sampling and a merged model, on the engine asked for."""
+    torch = cuda_gpu
+    from openweights.jobs.fine_tuning._engine import (
+        is_bitsandbytes_available,
+        is_unsloth_available,
+    )
+
+    if engine_name == "unsloth" and not is_unsloth_available():
+        pytest.skip('unsloth is not installed: pip install "openweights[unsloth]"')
+    if four_bit and not is_bitsandbytes_available():
+        pytest.skip('bitsandbytes is not installed: pip install "openweights[bnb]"')
+    train = ow.files.upload(
+        str(write_jsonl(tmp_path / "train.jsonl", conversations_rows(32))), purpose="conversations"
+    )["id"]
+    test = ow.files.upload(
+        str(write_jsonl(tmp_path / "test.jsonl", conversations_rows(8, seed=9))),
+        purpose="conversations",
+    )["id"]
+    prompts = conversations_rows(2, seed=5)
+    for row in prompts:
+        row["messages"] = row["messages"][:1]
+    prompts_file = ow.files.upload(
+        str(write_jsonl(tmp_path / "prompts.jsonl", prompts)), purpose="conversations"
+    )["id"]
+    job = ow.fine_tuning.create(
+        model=str(tiny_model),
+        training_file=train,
+        test_file=test,
+        loss="sft",
+        eval_every_n_steps=3,
+        sampling_callbacks=[{"dataset": prompts_file, "eval_steps": 3, "max_tokens": 6}],
+        **{**SMALL, "optim": "adamw_torch"},
+        **asks,
+    ).wait(timeout=600)
+    log = ow.files.content(job.runs[-1].log_file).decode(errors="replace")
+    assert job.status == "completed", log[-4000:]
+    events = _events(ow, job)
+    engine = next(e for e in events if e.get("type") == "engine")
+    bf16 = torch.cuda.is_bf16_supported()
+    assert engine["device"] == "cuda" and engine["engine"] == f"{engine_name}+trl+peft"
+    assert engine["dtype"] == (
+        "bfloat16" if bf16 else "float32" if engine_name != "unsloth" else "float16"
+    )
+    assert engine["load_in_4bit"] is four_bit and engine["unsloth"] is (engine_name == "unsloth")
+    assert [e["step"] for e in events if "eval_loss" in e] == [3, 6]
+    assert [e["step"] for e in events if e.get("tag") == "samples"] == [3, 6]
+    out = tmp_path / "out"
+    job.download(str(out))
+    merged = out / "uploads" / "model"
+    assert (merged / "config.json").exists()
+    assert (merged / "adapter" / "adapter_config.json").exists()
+    # the merged model is full precision (a 4-bit base is merged onto a fresh full copy)
+    import json
+
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())

@@ -2,8 +2,10 @@
 
 Reads its params from its own job, checks its data (file, line, field), loads the model through
 `openweights.jobs.model_source` (Hub id, local path, registered model, LoRA adapter or
-checkpoint), trains with TRL + PEFT on transformers (CUDA when present, float32 on CPU), and
-writes events in batches. Outputs, all under `uploads/model/` (stored as the job's results):
+checkpoint), trains with TRL + PEFT on transformers (CUDA when present, float32 on CPU; unsloth
+and bitsandbytes 4-bit on CUDA when installed and asked, see `_engine.py`), and writes events
+in batches; the first is `{"type": "engine", "engine", "device", "dtype", "load_in_4bit",
+"unsloth", "note"}`. Outputs, all under `uploads/model/` (stored as the job's results):
 
 - the final model: the merged full model when `is_peft and merge_before_push` (then the LoRA
   adapter too, at `uploads/model/adapter/`), else the LoRA adapter (or the full model when
@@ -30,8 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from openweights.jobs.fine_tuning._engine import EngineError
 from openweights.jobs.fine_tuning.callbacks import Diverged, EventBatcher, make_callbacks
-from openweights.jobs.fine_tuning.params import OUTPUT_DIR, TrainingConfig
+from openweights.jobs.fine_tuning.params import DEFAULT_TARGET_MODULES, OUTPUT_DIR, TrainingConfig
 
 __all__ = ["EventBatcher", "main", "train"]
 
@@ -208,21 +211,37 @@ def point_adapters_at(base_ref: str, root: Path) -> None:
 
 def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool = False) -> dict:
     import torch
-    from peft import LoraConfig
-    from transformers import AutoTokenizer
 
+    from openweights.jobs.fine_tuning._engine import (
+        choose_engine,
+        is_bitsandbytes_available,
+        is_unsloth_available,
+    )
     from openweights.jobs.model_source import load_model, resolve_model
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    optim, note = optimizer_name(cfg.optim, cuda)
-    notes = [n for n in (note,) if n]
-    if not cuda:
-        notes.append("CPU: training in float32")
-        if cfg.load_in_4bit:
-            notes.append("load_in_4bit needs CUDA (bitsandbytes): loading in float32 instead")
     source = resolve_model(cfg.model, ow=ow)
     continue_adapter = bool(source.adapter) and cfg.is_peft
+    engine = choose_engine(
+        use_unsloth=cfg.use_unsloth,
+        load_in_4bit=cfg.load_in_4bit,
+        loss=cfg.loss,
+        is_peft=cfg.is_peft,
+        from_adapter=bool(source.adapter),
+        cuda=cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        unsloth_available=cuda and is_unsloth_available(),
+        bnb_available=cuda and is_bitsandbytes_available(),
+    )
+    if engine.name == "unsloth":
+        # Before transformers, TRL and PEFT are imported: unsloth patches them on import.
+        import unsloth  # noqa: F401
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    dtype = getattr(torch, engine.dtype)
+    optim, note = optimizer_name(cfg.optim, cuda)
+    notes = [n for n in (note,) if n] + engine.notes
     if source.adapter:
         notes.append(
             "starting from a LoRA adapter: "
@@ -235,10 +254,12 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
     events.log(
         {
             "type": "engine",
-            "device": "cuda" if cuda else "cpu",
-            "dtype": str(dtype).removeprefix("torch."),
+            "device": engine.device,
+            "dtype": engine.dtype,
+            "load_in_4bit": engine.load_in_4bit,
+            "unsloth": engine.name == "unsloth",
             "optim": optim,
-            "engine": "transformers+trl+peft",
+            "engine": engine.label,
             "base": source.base,
             "adapter": source.adapter,
             "note": "; ".join(notes) or None,
@@ -276,31 +297,62 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
         sampling.append((spec, [_strip(r) for r in prompt_rows]))
     rows, test_rows = [_strip(r) for r in rows], [_strip(r) for r in test_rows]
 
-    model_kwargs: dict[str, Any] = {}
-    if cfg.load_in_4bit and cuda:
-        from transformers import BitsAndBytesConfig
-
-        model_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype
-        )
-    model, _ = load_model(
-        source,
-        dtype=dtype,
-        merge=bool(source.adapter) and not cfg.is_peft,
-        trainable_adapter=continue_adapter,
-        **model_kwargs,
-    )
     peft_config = None
-    if cfg.is_peft and not continue_adapter:
-        peft_config = LoraConfig(
+    if engine.name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        # Our tokenizer stays (its chat template is what the rows were checked with).
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=source.base,
+            max_seq_length=cfg.max_seq_length,
+            dtype=dtype,
+            load_in_4bit=engine.load_in_4bit,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
             r=cfg.r,
+            target_modules=cfg.target_modules or list(DEFAULT_TARGET_MODULES),
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
             bias=cfg.lora_bias,
+            use_gradient_checkpointing="unsloth",
+            random_state=cfg.seed,
             use_rslora=cfg.use_rslora,
-            task_type="CAUSAL_LM",
         )
+    else:
+        model_kwargs: dict[str, Any] = {}
+        if engine.load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            model_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            model_kwargs["device_map"] = {"": torch.cuda.current_device()}
+        model, _ = load_model(
+            source,
+            dtype=dtype,
+            merge=bool(source.adapter) and not cfg.is_peft,
+            trainable_adapter=continue_adapter,
+            **model_kwargs,
+        )
+        if engine.load_in_4bit and weighted:
+            # TRL's trainers prepare a k-bit model themselves; our weighted Trainer does not.
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        if cfg.is_peft and not continue_adapter:
+            peft_config = LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                bias=cfg.lora_bias,
+                use_rslora=cfg.use_rslora,
+                task_type="CAUSAL_LM",
+            )
     eval_steps = cfg.test_file_eval_steps or (
         cfg.eval_every_n_steps if isinstance(cfg.eval_every_n_steps, int) else None
     )
@@ -326,9 +378,11 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
         save_only_model=True,
         report_to="none",
         bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu=not cuda,
         disable_tqdm=True,
-        gradient_checkpointing=cuda,  # on CPU it only slows small models down
+        # on CPU it only slows small models down; unsloth has set up its own
+        gradient_checkpointing=cuda and engine.name != "unsloth",
         include_num_input_tokens_seen=True,
     )
     if test_rows and cfg.loss == "sft":
@@ -420,7 +474,7 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
         tokenizer.save_pretrained(str(adapter_dir))
         out["adapter_dir"] = adapter_dir.as_posix()
         if merged:
-            full = final.merge_and_unload()
+            full = _merged(final, engine, source, adapter_dir, dtype)
             full.save_pretrained(str(MODEL_DIR))
             tokenizer.save_pretrained(str(MODEL_DIR))
     else:
@@ -433,6 +487,30 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
         (p.name for p in MODEL_DIR.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1])
     )
     return out
+
+
+def _merged(model: Any, engine: Any, source: Any, adapter_dir: Path, dtype: Any) -> Any:
+    """The full model with the trained adapter merged in. A 4-bit or unsloth-patched model is
+    not merged in place (that would save rounded 4-bit weights, or unsloth's modules): the
+    saved adapter goes onto a fresh copy of the base in `dtype`, on the CPU."""
+    if engine.name == "transformers" and not engine.load_in_4bit:
+        return model.merge_and_unload()
+    import gc
+
+    import torch
+
+    from openweights.jobs.model_source import LocalModel, load_model
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fresh, _ = load_model(
+        LocalModel(name=source.name, base=source.base, adapter=str(adapter_dir)),
+        dtype=dtype,
+        merge=True,
+    )
+    return fresh
 
 
 def push_to_hub(cfg: TrainingConfig, ow: Any) -> None:
@@ -463,7 +541,7 @@ def main(config_class: type[TrainingConfig] = TrainingConfig, *, weighted: bool 
     t0 = time.monotonic()
     try:
         out = train(cfg, ow, events, weighted=weighted)
-    except (Diverged, DataError) as e:
+    except (Diverged, DataError, EngineError) as e:
         events.log({"type": "error", "error": str(e)}, now=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -62,7 +62,20 @@ class TrainingConfig(BaseModel):
         description="Cut rows longer than max_seq_length; False: such a row fails the job at "
         "start, naming its file and line.",
     )
-    load_in_4bit: bool = False
+    load_in_4bit: bool = Field(
+        default=False,
+        description="QLoRA: load the base in 4-bit (NF4, bitsandbytes; with unsloth, its own "
+        "4-bit loading). CUDA only: a CPU worker ignores it, trains in float32 and says so in the "
+        "job's `engine` event; a CUDA worker without bitsandbytes fails the job with the install "
+        "hint. Needs is_peft=True.",
+    )
+    use_unsloth: bool | None = Field(
+        default=None,
+        description="None (auto): unsloth on a CUDA worker where it is installed, for a new LoRA "
+        'on a base model with loss="sft"; True: require it on CUDA (any loss; a CUDA worker '
+        "without it fails the job); False: never. CPU workers always train with transformers. "
+        "The engine used (unsloth or transformers, dtype, 4-bit) is the job's `engine` event.",
+    )
     # LoRA
     is_peft: bool = True
     target_modules: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -151,6 +164,10 @@ class TrainingConfig(BaseModel):
         for name, fid in chat_files.items():
             if fid and ":file-" in fid and fid.split(":", 1)[0] not in CHAT_PURPOSES:
                 raise ValueError(f"{name}: must be a 'conversations' file, got {fid!r}.")
+        if self.load_in_4bit and not self.is_peft:
+            raise ValueError(
+                "load_in_4bit: 4-bit weights cannot be trained directly; use is_peft=True (QLoRA)."
+            )
         if self.load_in_4bit and self.logp_callback_datasets:
             raise ValueError("logp_callback_datasets: not supported together with load_in_4bit.")
         if "/" not in self.finetuned_model_id:
