@@ -92,6 +92,8 @@ class RunPodDouble:
     fail_next: int = 0  # answer this many requests with 500
     low_balance: bool = False
     hang_s: float = 0.0  # sleep this long before answering (client timeouts)
+    # sleep this long, then deploy anyway (a launch that times out at the client yet started)
+    hang_deploy_s: float = 0.0
     # what happened
     pods: dict[str, FakePod] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # top-level field of every request
@@ -153,6 +155,12 @@ class RunPodDouble:
         self._kill(pod)
         pod.desired = "EXITED"
 
+    def delete(self, pod_id: str) -> None:
+        """Someone terminates the pod by hand (RunPod's console): it is gone from the listing."""
+        pod = self.pods[pod_id]
+        self._kill(pod)
+        pod.desired = "TERMINATED"
+
     # -- protocol -------------------------------------------------------------------------------
     def handle(self, path: str, auth: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         if self.hang_s:
@@ -180,6 +188,8 @@ class RunPodDouble:
         assert isinstance(sel, ast.FieldNode)
         name = sel.name.value
         args = {a.name.value: _value(a.value) for a in sel.arguments}
+        if self.hang_deploy_s and name in ("podFindAndDeployOnDemand", "deployCpuPod"):
+            time.sleep(self.hang_deploy_s)
         with self._lock:
             self.requests.append(name)
             try:

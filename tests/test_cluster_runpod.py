@@ -61,6 +61,22 @@ def status(server, key, job_id):
     return get(server, key, f"/v1/jobs/{job_id}")
 
 
+def pods_of(server, key) -> dict[str, dict]:
+    """The org's `cluster_pods` rows by pod id."""
+    return {p["pod_id"]: p for p in get(server, key, "/v1/cluster/pods")["data"]}
+
+
+def ran_once(server, key, job_id) -> bool:
+    """Completed after exactly one attempt, with one run."""
+    job = status(server, key, job_id)
+    runs = get(server, key, f"/v1/jobs/{job_id}/runs")["data"]
+    return job["status"] == "completed" and job["attempts"] == 1 and len(runs) == 1
+
+
+def reason_of(server, key, job_id) -> str:
+    return status(server, key, job_id).get("pending_reason") or ""
+
+
 # -- provider against the double -------------------------------------------------------------
 
 
@@ -154,6 +170,20 @@ def test_manager_picks_cheapest_allowed_hardware_retries_on_no_capacity_and_scop
         trust_env=False,
     )
     assert r.status_code == 401  # the pod's token died with it
+    # its billed time is on record: launch, registration, termination, price, token, job
+    (row,) = pods_of(server, api_key).values()
+    assert row["provider"] == "runpod" and row["hardware_type"] == "1x H200"
+    assert row["price_per_hour"] == pytest.approx(3.59) and row["job_id"] == job["id"]
+    assert row["token_id"] == me["token"]["id"] and row["worker_id"] == done["worker_id"]
+    assert row["launched_at"] <= row["registered_at"] <= row["terminated_at"]
+    assert row["termination_reason"].startswith("idle for")
+    assert row["billed_s"] == pytest.approx(row["terminated_at"] - row["launched_at"], abs=0.01)
+    costs = get(server, api_key, "/v1/cluster/costs")
+    (run,) = [r for r in costs["runs"] if r["job_id"] == job["id"]]
+    assert run["pod_id"] == row["pod_id"] and run["price_per_hour"] == pytest.approx(3.59)
+    assert run["hardware_type"] == "1x H200" and run["provider"] == "runpod"
+    assert run["started_at"] <= run["finished_at"]
+    assert costs["billed_usd"] >= row["cost_usd"] > 0 and costs["billed_usd"] > costs["total_usd"]
 
 
 def test_pod_that_never_boots_is_replaced_and_its_hardware_backed_off(
@@ -164,12 +194,34 @@ def test_pod_that_never_boots_is_replaced_and_its_hardware_backed_off(
         server, api_key, provider(double), idle_s=1.0, boot_deadline_s=10.0, failure_threshold=1
     )
     job = submit(server, api_key, "echo booted", requires_vram_gb=70)
-    wait_until(lambda: status(server, api_key, job["id"])["status"] == "completed", 90, "the job")
+    # the job says which pod it waits for (the manager's reason, in the job's pending_reason)
+    reason = wait_until(
+        lambda: "is booting for it" in (r := reason_of(server, api_key, job["id"])) and r,
+        30,
+        "the booting pod in the job's pending_reason",
+        interval_s=0.1,
+    )
+    assert "Cluster manager: pod ow-" in reason and "(1x A100)" in reason
+    wait_until(lambda: ran_once(server, api_key, job["id"]), 90, "the job, once")
     kinds = [p.gpu_type_id for p in double.created]
     assert kinds[0] == A100 and kinds[-1] == H100 and A100 not in kinds[1:]
     assert not m.health.available("1x A100")
-    assert status(server, api_key, job["id"])["attempts"] == 1
+    # a job that allows only the hardware on cooldown is told so
+    a100_only = submit(server, api_key, "echo a100", allowed_hardware=["1x A100"])
+    wait_until(
+        lambda: "1x A100 is cooling down" in reason_of(server, api_key, a100_only["id"]),
+        30,
+        "the cooldown in the job's pending_reason",
+    )
+    httpx.post(
+        f"{server.url}/v1/jobs/{a100_only['id']}/cancel",
+        headers={"Authorization": f"Bearer {api_key}"},
+        trust_env=False,
+    ).raise_for_status()
     wait_until(lambda: double.running() == [], 60, "no pod left")
+    never = pods_of(server, api_key)[double.created[0].id]
+    assert never["registered_at"] is None and never["terminated_at"] is not None
+    assert "did not register within 10s" in never["termination_reason"]
 
 
 def test_worker_dying_mid_job_requeues_it_on_a_new_pod(server, api_key, double, managers, tmp_path):
@@ -187,26 +239,52 @@ def test_worker_dying_mid_job_requeues_it_on_a_new_pod(server, api_key, double, 
     assert done["attempts"] == 2 and len(double.created) == 2
     runs = get(server, api_key, f"/v1/jobs/{job['id']}/runs")["data"]
     assert [r["status"] for r in runs] == ["lost", "completed"]
-    wait_until(lambda: double.running() == [], 60, "no pod left")
+    # the second pod is deleted at the provider by hand: its billed time ends all the same
+    double.delete(double.created[1].id)
+    wait_until(
+        lambda: all(p["terminated_at"] for p in pods_of(server, api_key).values()),
+        60,
+        "both pods' billed time to end",
+    )
+    rows = pods_of(server, api_key)
+    assert "stopped (exited)" in rows[double.created[0].id]["termination_reason"]
+    assert rows[double.created[1].id]["termination_reason"] == "the provider lists it no more"
+    assert double.running() == []
 
 
-def test_spend_cap_holds_launches_and_one_worker_drains_the_queue(
-    server, api_key, double, managers
+def test_spend_cap_reached_mid_burst_holds_launches_says_so_and_runs_every_job_once(
+    server, api_key, double, managers, tmp_path
 ):
-    m = managers.start(server, api_key, provider(double), idle_s=2.0, max_spend_per_hour=3.0)
-    jobs = [submit(server, api_key, f"echo {i}", allowed_hardware=["1x H100"]) for i in range(3)]
-    seen: set[int] = set()
-    waits: list[str] = []
-
-    def done():
-        seen.add(len(double.running()))
-        waits.extend(m.last_report.waiting.values())
-        return all(status(server, api_key, j["id"])["status"] == "completed" for j in jobs)
-
-    wait_until(done, 120, "three jobs under the spend cap", interval_s=0.1)
-    assert max(seen) == 1 and len(double.created) == 1
-    assert any("spend cap" in w and "cap 3.00 USD/h" in w for w in waits)
+    gate = tmp_path / "go"
+    m = managers.start(server, api_key, provider(double), idle_s=2.0, max_spend_per_hour=6.0)
+    script = f"while [ ! -f {gate} ]; do sleep 0.2; done; echo"
+    jobs = [
+        submit(server, api_key, f"{script} {i}", allowed_hardware=["1x H100"]) for i in range(4)
+    ]
+    # two 1x H100 pods (2.69 USD/h each) fit under 6 USD/h; the burst's other two wait, and say why
+    wait_until(
+        lambda: sum(status(server, api_key, j["id"])["status"] == "in_progress" for j in jobs) == 2,
+        90,
+        "two jobs running",
+    )
+    waiting = [j for j in jobs if status(server, api_key, j["id"])["status"] == "pending"]
+    assert len(waiting) == 2
+    for j in waiting:
+        reason = wait_until(
+            lambda j=j: "spend cap" in (r := reason_of(server, api_key, j["id"])) and r,
+            30,
+            "the spend cap in the job's pending_reason",
+        )
+        assert "5.38 USD/h running, 1x H100 costs 2.69 USD/h, cap 6.00 USD/h" in reason
+    assert len(double.created) == 2 and m.last_report.spend_per_hour == pytest.approx(5.38)
+    gate.touch()
+    wait_until(
+        lambda: all(ran_once(server, api_key, j["id"]) for j in jobs), 120, "every job, once"
+    )
+    assert len(double.created) == 2
     wait_until(lambda: double.running() == [], 60, "no pod left")
+    rows = pods_of(server, api_key)
+    assert len(rows) == 2 and all(r["terminated_at"] for r in rows.values())
 
 
 def test_provider_rate_limits_and_5xx_only_delay_the_launch(server, api_key, double, managers):
@@ -216,7 +294,64 @@ def test_provider_rate_limits_and_5xx_only_delay_the_launch(server, api_key, dou
     job = submit(server, api_key, "echo ok", allowed_hardware=["1x A40"])
     wait_until(lambda: status(server, api_key, job["id"])["status"] == "completed", 120, "job")
     assert "429" in double.requests and "500" in double.requests
+    assert len(double.created) == 1 and ran_once(server, api_key, job["id"])
+    wait_until(lambda: double.running() == [], 60, "no pod left")
+
+
+def test_launch_that_times_out_after_the_pod_started_adopts_that_pod(
+    server, api_key, double, managers
+):
+    """RunPod answers the deploy after our client gave up, yet starts the pod: the manager
+    keeps the pod's token, finds the pod in the next listing and runs the job on it."""
+    double.hang_deploy_s = 2.0
+    m = managers.start(server, api_key, provider(double, timeout_s=1.0), idle_s=1.0)
+    job = submit(server, api_key, "echo adopted", allowed_hardware=["1x A40"])
+    wait_until(lambda: ran_once(server, api_key, job["id"]), 90, "the job, once")
+    assert len(double.created) == 1  # no second pod while the first was unaccounted for
+    assert not m._unsure
+    wait_until(lambda: double.running() == [], 60, "no pod left")
+    (row,) = pods_of(server, api_key).values()
+    assert row["job_id"] == job["id"] and row["token_id"] and row["terminated_at"]
+
+
+def test_pending_reason_says_why_no_pod_starts_and_clears_when_the_manager_stops(
+    server, api_key, double, managers, tmp_path
+):
+    gate = tmp_path / "go"
+    m = managers.start(server, api_key, provider(double), idle_s=1.0, max_workers=1)
+    first = submit(
+        server, api_key, f"while [ ! -f {gate} ]; do sleep 0.2; done", allowed_hardware=["1x A40"]
+    )
+    wait_until(lambda: status(server, api_key, first["id"])["status"] == "in_progress", 90, "A")
+    second = submit(server, api_key, "echo second", allowed_hardware=["1x A40"])
+    huge = submit(server, api_key, "echo never", requires_vram_gb=5000)
+    wait_until(
+        lambda: "max_workers reached: 1 of 1 pods run" in reason_of(server, api_key, second["id"]),
+        30,
+        "max_workers in the second job's pending_reason",
+    )
+    reason = wait_until(
+        lambda: "Cluster manager:" in (r := reason_of(server, api_key, huge["id"])) and r,
+        30,
+        "huge",
+    )
+    assert "no hardware of provider runpod has 5000 GB VRAM" in reason
+    managers.stop(m)  # a stopped manager's reasons go with it
+    assert "Cluster manager" not in reason_of(server, api_key, huge["id"])
+    assert "Cluster manager" not in reason_of(server, api_key, second["id"])
+    m = managers.start(server, api_key, provider(double), idle_s=1.0, max_workers=1)
+    gate.touch()
+    wait_until(
+        lambda: ran_once(server, api_key, first["id"]) and ran_once(server, api_key, second["id"]),
+        90,
+        "both jobs, once each, on the one pod",
+    )
     assert len(double.created) == 1
+    httpx.post(
+        f"{server.url}/v1/jobs/{huge['id']}/cancel",
+        headers={"Authorization": f"Bearer {api_key}"},
+        trust_env=False,
+    ).raise_for_status()
     wait_until(lambda: double.running() == [], 60, "no pod left")
 
 
@@ -250,6 +385,10 @@ def test_restarted_manager_adopts_running_pods_and_two_managers_never_double(
         "all jobs",
     )
     assert len(double.created) == 3  # adopted, never doubled
+    assert all(ran_once(server, api_key, j["id"]) for j in [*jobs, extra])
     wait_until(lambda: double.running() == [], 60, "no pod left")
+    rows = pods_of(server, api_key)
+    assert sorted(rows) == sorted(p.id for p in double.created)
+    assert all(r["registered_at"] and r["terminated_at"] for r in rows.values())
     lease = {a.holder, b.holder}
     assert len(lease) == 2

@@ -21,6 +21,8 @@ def test_simulated_burst_runs_every_job_once_leaks_no_pod_and_beats_one_pod_per_
         assert r.completed == r.jobs == 300 and r.lost == 0
         assert r.pods_leaked == 0
         assert r.gpu_hours_busy <= r.gpu_hours_billed
+    # every pod's billed time is on record: launched, and terminated (preempted ones included)
+    assert manager.pods_unrecorded == 0
     assert manager.runs_lost_to_preemption > 0  # preemptions happened and were recovered
     # workers that take the next job need far fewer pods and wait less under a worker cap
     assert manager.pods_launched < baseline.pods_launched / 2

@@ -276,7 +276,6 @@ def build_manager(args: argparse.Namespace, ow: Any):
         raise c.CLIError(str(e)) from None
     config = _apply_flags(args, config)
     home = Settings().home
-    config = replace(config, ledger=home / "cluster" / "pods.jsonl")
     catalog = DEFAULT_CATALOG
     if getattr(args, "prices", None):
         try:

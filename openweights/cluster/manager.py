@@ -20,7 +20,6 @@ they are claimed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -29,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from openweights._exceptions import APIConnectionError, APIStatusError, NotFoundError
@@ -86,7 +84,7 @@ class ManagerConfig:
     disk_gb: int = 100
     pod_env: dict[str, str] = field(default_factory=dict)  # extra flags for every pod (no secrets)
     server_url: str | None = None  # the URL pods reach the server at (default: the manager's)
-    ledger: Path | None = None  # JSONL of pod launches/terminations with prices (cost records)
+    waits_ttl_s: float = 60.0  # how long a job shows the reason this manager gave (re-sent sooner)
 
 
 class HardwareHealth:
@@ -166,6 +164,7 @@ class StepReport:
     launched: list[str] = field(default_factory=list)
     terminated: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why no pod was started
+    booting: dict[str, str] = field(default_factory=dict)  # job id -> the pod booting for it
 
 
 class ClusterManager:
@@ -196,6 +195,13 @@ class ClusterManager:
         self._stop = threading.Event()
         self._recent: dict[str, tuple[Pod, float]] = {}  # launched, maybe not listed yet
         self._tokens: dict[str, str] = {}  # pod name -> worker token id
+        self._recorded: set[str] = set()  # pod ids whose listing went to /v1/cluster/pods
+        self._open: dict[str, Pod] | None = None  # pods the server's `cluster_pods` has running
+        # launches that failed in a way that may have started the pod: name -> (at, job, …)
+        self._unsure: dict[str, tuple[float, str, Offer, str]] = {}
+        self._registered: set[str] = set()  # pod ids whose worker's registration went there
+        self._waits: dict[str, str] = {}  # the reasons last sent to /v1/cluster/waits
+        self._waits_at = -1e18
         me = self.http.request("GET", "/v1/me").json()
         self.org_id: str = me["org"]["id"]
         self.tag = self.org_id.rsplit("-", 1)[-1][-8:].lower()
@@ -239,6 +245,8 @@ class ClusterManager:
                     version = None
                     self._stop.wait(min(2.0 ** (errors - 1), 30.0))
         finally:
+            if self._waits:
+                self._send_waits({}, force=True)  # no manager, no reasons: the server's own show
             self.release_lease()
 
     def renew_lease(self) -> bool:
@@ -276,7 +284,20 @@ class ClusterManager:
         now = self.clock()
         next_s = self.config.max_wait_s
         pods = [p for p in self.provider.list() if p.name.startswith(self.prefix)]
+        for pod in pods:  # adopted or just listed: its row has the provider's own price
+            if pod.id not in self._recorded and pod.status not in ("exited", "terminated"):
+                extra = {}
+                if pod.name in self._unsure:  # the launch that timed out did start it
+                    extra = {
+                        "token_id": self._tokens.get(pod.name),
+                        "job_id": self._unsure[pod.name][1],
+                    }
+                    logger.info("pod %s started after all; adopting it", pod.name)
+                if self._record(pod, launched_at=pod.created_at, **extra):
+                    self._recorded.add(pod.id)
+            self._unsure.pop(pod.name, None)
         listed = {p.name for p in pods}
+        self._close_vanished(pods, now)
         for name, (pod, at) in list(self._recent.items()):
             if name in listed or now - at > _RECENT_LAUNCH_S:
                 self._recent.pop(name)
@@ -312,6 +333,9 @@ class ClusterManager:
                 live.append(pod)
                 slots.append(self._booting_slot(pod))
                 continue
+            if pod.id not in self._registered:
+                if self._record(pod, registered_at=w.created_at, worker_id=w.id):
+                    self._registered.add(pod.id)
             silent = state.now - w.last_seen_at
             if w.status == "active" and silent > self.config.heartbeat_timeout_s:
                 self._terminate(
@@ -356,12 +380,27 @@ class ClusterManager:
                     _Slot(None, w, w.hardware_type, w.vram_gb, w.docker_image, w.any_hardware)
                 )
 
-        unmatched = self._match(state.pending, slots)
+        for name, (at, _job_id, offer, image) in list(self._unsure.items()):
+            if now - at > _RECENT_LAUNCH_S:
+                self._unsure.pop(name)
+                self._revoke_token(name)  # it never showed up: it was not started
+                continue
+            slots.append(
+                _Slot(
+                    None,
+                    None,
+                    offer.hardware_type,
+                    offer.vram_gb,
+                    image if self._runs_images() else None,
+                )
+            )
+        unmatched = self._match(state.pending, slots, report)
         next_s = min(next_s, self._stop_idle(state, slots, report))
         report.pods = len(live)
         report.spend_per_hour = round(sum(p.price_per_hour for p in live), 4)
         next_s = min(next_s, self._launch(unmatched, live, report))
         self.last_report = report
+        self._send_waits({**report.booting, **report.waiting})
         if report.launched or report.terminated:
             logger.info(
                 "pending %d, pods %d (%.2f USD/h); launched %s; terminated %s",
@@ -379,7 +418,9 @@ class ClusterManager:
         any_hw = self.config.pod_env.get("OW_ANY_HARDWARE", "").lower() in {"1", "true", "yes"}
         return _Slot(pod, None, pod.hardware_type, offer.vram_gb if offer else 0.0, image, any_hw)
 
-    def _match(self, pending: list[PendingJob], slots: list[_Slot]) -> list[PendingJob]:
+    def _match(
+        self, pending: list[PendingJob], slots: list[_Slot], report: StepReport
+    ) -> list[PendingJob]:
         """Pending jobs that no idle worker or booting pod will take, oldest first. A job prefers
         an idle worker that has its model cached."""
         unmatched = []
@@ -392,8 +433,20 @@ class ClusterManager:
                 s for s in free if s.worker and job.model and job.model in s.worker.cached_models
             ]
             idle = [s for s in free if s.worker]
-            (warm or idle or free)[0].used = True
+            slot = (warm or idle or free)[0]
+            slot.used = True
+            if slot.worker is None:
+                report.booting[job.id] = self._booting_reason(slot)
         return unmatched
+
+    def _booting_reason(self, slot: _Slot) -> str:
+        if slot.pod is None:
+            return f"a {slot.hardware_type} pod may have started for it (its launch timed out)"
+        since = time.strftime("%H:%M:%S", time.gmtime(slot.pod.created_at or self.clock()))
+        return (
+            f"pod {slot.pod.name} ({slot.hardware_type}) is booting for it since {since} UTC "
+            f"(replaced if its worker has not registered {self.config.boot_deadline_s:.0f}s after)"
+        )
 
     def _stop_idle(self, state: ClusterState, slots: list[_Slot], report: StepReport) -> float:
         next_s = self.config.max_wait_s
@@ -425,14 +478,14 @@ class ClusterManager:
         spend = sum(p.price_per_hour for p in live)
         next_s = self.config.max_wait_s
         for job in jobs:
+            cands = self._candidates(job)
+            if not cands:  # first: no limit being lifted would help it
+                report.waiting[job.id] = self._no_fit_reason(job)
+                continue
             if count >= self.config.max_workers:
                 report.waiting[job.id] = (
                     f"max_workers reached: {count} of {self.config.max_workers} pods run"
                 )
-                continue
-            cands = self._candidates(job)
-            if not cands:
-                report.waiting[job.id] = self._no_fit_reason(job)
                 continue
             why = ""
             for offer in cands:
@@ -457,17 +510,14 @@ class ClusterManager:
                     continue
                 except QuotaExceeded as e:
                     self._pause(self.config.quota_pause_s, f"provider quota: {e.message}")
-                    report.waiting[job.id] = self.pause_reason
-                    return self.config.quota_pause_s
+                    return self._paused(jobs, report, self.config.quota_pause_s)
                 except ProviderAuthError as e:
                     self._pause(self.config.auth_pause_s, f"provider refused the key: {e.message}")
-                    report.waiting[job.id] = self.pause_reason
-                    return self.config.auth_pause_s
+                    return self._paused(jobs, report, self.config.auth_pause_s)
                 except ProviderUnavailable as e:
                     delay = e.retry_after_s or 10.0
                     self._pause(delay, f"provider unavailable: {e.message}")
-                    report.waiting[job.id] = self.pause_reason
-                    return delay
+                    return self._paused(jobs, report, delay)
                 except ProviderError as e:
                     self.health.failed(hw)
                     why = f"launching {hw} failed: {e.message}"
@@ -477,6 +527,9 @@ class ClusterManager:
                 report.launched.append(
                     f"{pod.name} ({hw}, {offer.price_per_hour:.2f} USD/h) for {job.id}"
                 )
+                report.booting[job.id] = (
+                    f"pod {pod.name} ({hw}, {offer.price_per_hour:.2f} USD/h) was launched for it"
+                )
                 break
             else:
                 report.waiting[job.id] = why or "no offer could be started"
@@ -484,6 +537,12 @@ class ClusterManager:
                     self._warned.add(job.id)
                     logger.warning("job %s waits: %s", job.id, report.waiting[job.id])
         return next_s
+
+    def _paused(self, jobs: list[PendingJob], report: StepReport, delay_s: float) -> float:
+        for j in jobs:  # every job not launched this step waits for the same reason
+            if j.id not in report.booting:
+                report.waiting[j.id] = self.pause_reason
+        return delay_s
 
     def _pause(self, delay_s: float, reason: str) -> None:
         self.paused_until = self.clock() + delay_s
@@ -543,11 +602,16 @@ class ClusterManager:
         spec = PodSpec(name=name, image=image, offer=offer, env=env, disk_gb=self.config.disk_gb)
         try:
             pod = self.provider.launch(spec)
+        except ProviderUnavailable:
+            # A timeout or 5xx may come after the provider started the pod: keep its token and
+            # count it for the job until the listing shows it (adopted) or long enough not to.
+            self._unsure[name] = (now, job.id, offer, image)
+            raise
         except BaseException:
             self._revoke_token(name)
             raise
         self._recent[name] = (pod, now)
-        self._ledger("launch", pod, job_id=job.id)
+        self._record(pod, token_id=token["id"], job_id=job.id)
         logger.info(
             "launched %s on %s (%s, %.2f USD/h) for job %s",
             name,
@@ -586,7 +650,11 @@ class ClusterManager:
         if worker is not None and (worker.status == "active" or worker.current_run_id is not None):
             self._lose(worker, f"its pod was terminated: {reason}")
         self._revoke_token(pod.name)
-        self._ledger("terminate", pod, reason=reason)
+        self._record(pod, terminated=True, termination_reason=reason)
+        if self._open is not None:
+            self._open.pop(pod.id, None)
+        self._recorded.discard(pod.id)
+        self._registered.discard(pod.id)
         report.terminated.append(f"{pod.name} ({reason})")
 
     def _revoke_token(self, name: str) -> None:
@@ -610,24 +678,79 @@ class ClusterManager:
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         return " | ".join(lines[-3:])[:500]
 
-    def _ledger(self, event: str, pod: Pod, **extra: Any) -> None:
-        if self.config.ledger is None:
-            return
-        record = {
-            "event": event,
-            "at": self.clock(),
-            "org_id": self.org_id,
+    def _record(self, pod: Pod, **fields: Any) -> bool:
+        """Report a pod to the server's `cluster_pods` (billed time); True when it took it. A
+        failed report is retried by the next step's listing, never a reason to stop scaling."""
+        body = {
             "provider": self.provider.name,
             "pod_id": pod.id,
-            "pod": pod.name,
+            "name": pod.name,
             "hardware_type": pod.hardware_type,
             "price_per_hour": pod.price_per_hour,
-            "image": pod.image,
-            **extra,
+            "image": pod.image or None,
+            **fields,
         }
-        self.config.ledger.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.config.ledger, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.http.request("POST", "/v1/cluster/pods", json=body, retry=True)
+            return True
+        except (APIConnectionError, APIStatusError) as e:
+            logger.warning("could not record pod %s (%s)", pod.name, e)
+            return False
+
+    def _close_vanished(self, pods: list[Pod], now: float) -> None:
+        """Pods the server has running that the provider no longer lists (preempted, deleted by
+        hand, ended while no manager ran): their billed time ends now."""
+        if self._open is None:  # once per manager: what a previous one left open
+            try:
+                rows = self.http.request(
+                    "GET", "/v1/cluster/pods", params={"running": "true"}, retry=True
+                ).json()["data"]
+            except (APIConnectionError, APIStatusError) as e:
+                logger.warning("could not read this org's pods from the server (%s)", e)
+                return
+            self._open = {
+                r["pod_id"]: Pod(
+                    id=r["pod_id"],
+                    name=r["name"],
+                    status="running",
+                    hardware_type=r["hardware_type"],
+                    price_per_hour=r["price_per_hour"],
+                    image=r.get("image") or "",
+                    created_at=r["launched_at"],
+                )
+                for r in rows
+                if r["provider"] == self.provider.name and r["name"].startswith(self.prefix)
+            }
+        listed = {p.id for p in pods}
+        for pod in pods:
+            if pod.status not in ("exited", "terminated"):
+                self._open.setdefault(pod.id, pod)
+        recent = {p.id for p, _ in self._recent.values()}
+        for pod_id, pod in list(self._open.items()):
+            if pod_id in listed or pod_id in recent:
+                continue
+            if self._record(
+                pod, terminated=True, termination_reason="the provider lists it no more"
+            ):
+                self._open.pop(pod_id, None)
+                self._recorded.discard(pod_id)
+                self._registered.discard(pod_id)
+
+    def _send_waits(self, reasons: dict[str, str], *, force: bool = False) -> None:
+        """Tell the server why each job waits (its `pending_reason`); only when the reasons
+        changed, or before the last ones expire."""
+        ttl = self.config.waits_ttl_s
+        now = self.clock()
+        if not force and reasons == self._waits and now - self._waits_at < ttl / 2:
+            return
+        try:
+            self.http.request(
+                "POST", "/v1/cluster/waits", json={"reasons": reasons, "ttl_s": ttl}, retry=True
+            )
+        except (APIConnectionError, APIStatusError) as e:
+            logger.warning("could not send why jobs wait (%s)", e)
+            return
+        self._waits, self._waits_at = dict(reasons), now
 
     def terminate_all(self, reason: str = "manager shut down its pods") -> list[str]:
         """Terminate every pod of this org (`ow cluster --stop-pods`, tests' cleanup)."""

@@ -152,6 +152,7 @@ class World:
         self._seq = 0
         self.changed: set[str] = set()  # orgs whose queue changed (wakes their manager)
         self.lost_runs = 0
+        self.pod_records: list[dict[str, Any]] = []  # what managers sent to /v1/cluster/pods
 
     # -- events ---------------------------------------------------------------------------------
     def at(self, t: float, kind: str, ref: str) -> None:
@@ -406,6 +407,13 @@ class SimHTTP:
             return _Response({"data": []})
         if path.startswith("/v1/tokens/"):
             return _Response({})
+        if path == "/v1/cluster/pods" and method == "GET":
+            return _Response({"data": [], "billed_usd": 0.0})
+        if path == "/v1/cluster/pods":
+            w.pod_records.append(json)
+            return _Response(json)
+        if path == "/v1/cluster/waits":
+            return _Response({"count": len(json["reasons"])})
         if path.endswith("/shutdown"):
             worker = w.workers[path.split("/")[3]]
             worker.status = "shutdown"
@@ -510,7 +518,16 @@ class SimResult:
     wait_p95_s: float
     runs_lost_to_preemption: int
     sim_hours: float
+    pods_unrecorded: int = 0  # ended pods whose `cluster_pods` row would show them running
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _unrecorded(world: World) -> int:
+    launched = {r["pod_id"] for r in world.pod_records}
+    ended = {r["pod_id"] for r in world.pod_records if r.get("terminated")}
+    return sum(
+        1 for p in world.pods.values() if p.id not in launched or (p.ended and p.id not in ended)
+    )
 
 
 def simulate(
@@ -591,6 +608,7 @@ def simulate(
         wait_p50_s=round(q[49], 1),
         wait_p95_s=round(q[94], 1),
         runs_lost_to_preemption=world.lost_runs,
+        pods_unrecorded=_unrecorded(world) if policy == "manager" else 0,
         sim_hours=round((end - T0) / 3600, 1),
     )
 

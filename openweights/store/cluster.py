@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from openweights.store import jobs as q
@@ -24,15 +24,22 @@ from openweights.store.errors import NotFound
 __all__ = [
     "LEASE_PROVIDER",
     "LeaseRace",
+    "PodRace",
     "acquire_lease",
     "lease_id",
+    "list_pods",
+    "list_pods_row",
     "lose_worker",
+    "record_pod",
     "release_lease",
     "run_costs",
+    "set_waits",
     "snapshot",
+    "wait_reason",
 ]
 
 J, R, W = s.jobs, s.runs, s.workers
+P, WT = s.cluster_pods, s.cluster_waits
 LEASE_PROVIDER = "cluster-manager"
 #: Workers that stopped longer ago than this are left out of the manager's view.
 RECENT_S = 3600.0
@@ -40,6 +47,10 @@ RECENT_S = 3600.0
 
 class LeaseRace(Exception):
     """Two managers created the lease row at once: read it again in a new transaction."""
+
+
+class PodRace(Exception):
+    """Two calls created the same pod row at once: record it again in a new transaction."""
 
 
 def lease_id(org_id: str) -> str:
@@ -218,11 +229,15 @@ def run_costs(
             R.c.status,
             R.c.started_at,
             R.c.finished_at,
-            W.c.hardware_type,
+            func.coalesce(R.c.hardware, W.c.hardware_type).label("hardware_type"),
             W.c.provider,
+            P.c.price_per_hour.label("pod_price"),
+            P.c.pod_id,
         )
         .join(J, J.c.pk == R.c.job_pk)
         .outerjoin(W, W.c.id == R.c.worker_id)
+        # the price its pod was launched at, as recorded by the manager (`cluster_pods`)
+        .outerjoin(P, and_(P.c.org_id == R.c.org_id, P.c.name == W.c.name))
         .where(R.c.org_id == org_id)
         .order_by(R.c.id)
     )
@@ -234,7 +249,10 @@ def run_costs(
     for r in conn.execute(query).mappings():
         end = r["finished_at"] if r["finished_at"] is not None else now
         provider = r["provider"] or "unknown"
-        price = 0.0 if provider == "local" else price_of(r["hardware_type"] or "")
+        if r["pod_price"] is not None:
+            price = r["pod_price"]
+        else:
+            price = 0.0 if provider == "local" else price_of(r["hardware_type"] or "")
         hours = max(0.0, end - r["started_at"]) / 3600
         out.append(
             {
@@ -247,6 +265,7 @@ def run_costs(
                 "finished_at": r["finished_at"],
                 "price_per_hour": price,
                 "cost_usd": round(price * hours, 6),
+                "pod_id": r["pod_id"],
             }
         )
     return out
@@ -274,3 +293,129 @@ def managed_orgs(conn: Connection, decrypt: Callable[[bytes], str]) -> dict[str,
         ):
             out[org_id][name] = decrypt(enc)
     return out
+
+
+# -- pods (billed time) ------------------------------------------------------------------------
+
+_POD_FIXED = ("name", "hardware_type", "image")
+_POD_FILL = ("token_id", "job_id", "worker_id", "registered_at")
+
+
+def record_pod(conn: Connection, org_id: str, rec: dict[str, Any], now: float) -> dict[str, Any]:
+    """Create or complete the row of one pod (keyed by provider + pod id).
+
+    Fields already set stay (a late or repeated call never rewrites history), except the price
+    (the provider's own figure replaces the catalog's) and `launched_at` (the earliest wins).
+    `terminated=True` sets `terminated_at` to now and the reason, once."""
+    key = and_(P.c.org_id == org_id, P.c.provider == rec["provider"], P.c.pod_id == rec["pod_id"])
+    row = conn.execute(select(P).where(key)).mappings().first()
+    launched = rec.get("launched_at") or now
+    if row is None:
+        values = {
+            "org_id": org_id,
+            "provider": rec["provider"],
+            "pod_id": rec["pod_id"],
+            "name": rec["name"],
+            "hardware_type": rec["hardware_type"],
+            "price_per_hour": rec["price_per_hour"],
+            "image": rec.get("image"),
+            **{k: rec.get(k) for k in _POD_FILL},
+            "launched_at": launched,
+            "terminated_at": now if rec.get("terminated") else None,
+            "termination_reason": rec.get("termination_reason") if rec.get("terminated") else None,
+        }
+        try:
+            conn.execute(insert(P).values(**values))
+        except IntegrityError as e:
+            raise PodRace() from e
+        return values
+    values: dict[str, Any] = {}
+    for k in _POD_FILL:
+        if row[k] is None and rec.get(k) is not None:
+            values[k] = rec[k]
+    if rec.get("price_per_hour") is not None and row["terminated_at"] is None:
+        values["price_per_hour"] = rec["price_per_hour"]
+    if launched < row["launched_at"]:
+        values["launched_at"] = launched
+    if rec.get("terminated") and row["terminated_at"] is None:
+        values["terminated_at"] = now
+        values["termination_reason"] = rec.get("termination_reason")
+    if values:
+        conn.execute(update(P).where(key).values(**values))
+    return {**dict(row), **values}
+
+
+def list_pods(
+    conn: Connection,
+    org_id: str,
+    *,
+    now: float,
+    since: float | None = None,
+    running: bool | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Pods newest first, each with its billed seconds and cost (launch to termination, or to
+    now while it runs; from `since` when given)."""
+    query = select(P).where(P.c.org_id == org_id).order_by(P.c.launched_at.desc()).limit(limit)
+    if since is not None:
+        query = query.where(or_(P.c.terminated_at.is_(None), P.c.terminated_at >= since))
+    if running is True:
+        query = query.where(P.c.terminated_at.is_(None))
+    elif running is False:
+        query = query.where(P.c.terminated_at.is_not(None))
+    return [list_pods_row(dict(r), now, since) for r in conn.execute(query).mappings()]
+
+
+def list_pods_row(row: dict[str, Any], now: float, since: float | None = None) -> dict[str, Any]:
+    """A pod row with its billed seconds and cost."""
+    start = max(row["launched_at"], since) if since is not None else row["launched_at"]
+    end = row["terminated_at"] if row["terminated_at"] is not None else now
+    billed_s = max(0.0, end - start)
+    return {
+        **row,
+        "billed_s": round(billed_s, 3),
+        "cost_usd": round(row["price_per_hour"] * billed_s / 3600, 6),
+    }
+
+
+# -- why jobs wait (the manager's view) -------------------------------------------------------
+
+
+def set_waits(
+    conn: Connection, org_id: str, reasons: dict[str, str], now: float, ttl_s: float
+) -> int:
+    """Replace the org's wait reasons with `reasons` (job id -> why), valid for `ttl_s`."""
+    conn.execute(WT.delete().where(WT.c.org_id == org_id))
+    if reasons:
+        conn.execute(
+            insert(WT),
+            [
+                {
+                    "org_id": org_id,
+                    "job_id": job_id,
+                    "reason": reason[:2000],
+                    "updated_at": now,
+                    "expires_at": now + ttl_s,
+                }
+                for job_id, reason in reasons.items()
+            ],
+        )
+    return len(reasons)
+
+
+_WAIT_REASON = (
+    select(WT.c.reason)
+    .where(
+        WT.c.org_id == bindparam("org_id"),
+        WT.c.job_id == bindparam("job_id"),
+        WT.c.expires_at >= bindparam("now"),
+    )
+    .limit(1)
+)
+
+
+def wait_reason(conn: Connection, org_id: str, job_id: str, now: float) -> str | None:
+    """The live manager's reason this job waits, if it gave one (primary-key lookup)."""
+    return conn.execute(
+        _WAIT_REASON, {"org_id": org_id, "job_id": job_id, "now": now}
+    ).scalar_one_or_none()

@@ -279,6 +279,18 @@ def fits(job: dict, worker: dict) -> bool:
 
 
 def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) -> str:
+    """Why a pending job waits: the live workers' view, then the cluster manager's when one
+    runs for the org (spend cap, cooldown, no hardware, a pod booting for it)."""
+    from openweights.store.cluster import wait_reason
+
+    manager = wait_reason(conn, job["org_id"], job["id"], now)
+    reason = _workers_reason(conn, job, now, offline_s, managed=manager is not None)
+    return f"{reason} Cluster manager: {manager}." if manager else reason
+
+
+def _workers_reason(
+    conn: Connection, job: dict, now: float, offline_s: float, *, managed: bool = False
+) -> str:
     live = [
         dict(r)
         for r in conn.execute(
@@ -292,6 +304,8 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
     )
     if job["docker_image"]:
         need += f", image {job['docker_image']}"
+    if not live and managed:
+        return f"No worker is running for this organization yet (the job needs {need})."
     if not live:
         return (
             f"No worker is running for this organization (the job needs {need}). Start one with "

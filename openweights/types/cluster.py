@@ -112,6 +112,7 @@ class RunCost(BaseModel):
     finished_at: float | None = None
     price_per_hour: float
     cost_usd: float
+    pod_id: str | None = Field(default=None, description="The pod it ran on, if a manager's.")
 
 
 class CostReport(BaseModel):
@@ -119,11 +120,81 @@ class CostReport(BaseModel):
     runs: list[RunCost]
     by_job: dict[str, float]
     by_day: dict[str, float] = Field(description="UTC day (YYYY-MM-DD of the run's start) → USD.")
-    total_usd: float
-    note: str = (
-        "Busy time only: runs × catalog price of their worker's hardware. Pod time spent booting "
-        "or idle is billed by the provider too (see docs/cluster.md)."
+    total_usd: float = Field(description="Busy time: the runs' cost.")
+    billed_usd: float = Field(
+        default=0.0,
+        description="Pod time as the provider bills it (launch to termination, boot and idle "
+        "included), of the pods in `/v1/cluster/pods`, over the same window.",
     )
+    billed_by_day: dict[str, float] = Field(
+        default_factory=dict, description="UTC day of the pod's launch → billed USD."
+    )
+    note: str = (
+        "total_usd: runs' busy time × the price of their pod (recorded at launch; else the "
+        "catalog's). billed_usd: pod time from launch to termination, boot and idle included."
+    )
+
+
+class PodRecordRequest(BaseModel):
+    """What a manager reports about one of its pods (`POST /v1/cluster/pods`): at launch, when
+    its worker registers, when it is terminated. Repeating a report changes nothing."""
+
+    model_config = {"extra": "forbid"}
+
+    provider: str = Field(min_length=1, max_length=64)
+    pod_id: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200)
+    hardware_type: str = Field(max_length=64)
+    price_per_hour: float = Field(ge=0)
+    image: str | None = Field(default=None, max_length=500)
+    token_id: str | None = Field(default=None, max_length=64)
+    job_id: str | None = Field(default=None, max_length=200)
+    worker_id: str | None = Field(default=None, max_length=64)
+    launched_at: float | None = Field(
+        default=None, description="When the provider started it; default: now (server clock)."
+    )
+    registered_at: float | None = None
+    terminated: bool = False
+    termination_reason: str | None = Field(default=None, max_length=2000)
+
+
+class ClusterPod(BaseModel):
+    object: Literal["cluster.pod"] = "cluster.pod"
+    provider: str
+    pod_id: str
+    name: str
+    hardware_type: str
+    price_per_hour: float
+    image: str | None = None
+    token_id: str | None = None
+    job_id: str | None = Field(default=None, description="The job it was launched for.")
+    worker_id: str | None = None
+    launched_at: float
+    registered_at: float | None = None
+    terminated_at: float | None = None
+    termination_reason: str | None = None
+    billed_s: float = Field(default=0.0, description="Launch (or `since`) to termination or now.")
+    cost_usd: float = 0.0
+
+
+class ClusterPodList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClusterPod]
+    billed_usd: float
+
+
+class WaitsRequest(BaseModel):
+    """The manager's reason each pending job waits; replaces the org's previous reasons."""
+
+    model_config = {"extra": "forbid"}
+
+    reasons: dict[str, str] = Field(description="job id → why no pod runs it yet.")
+    ttl_s: float = Field(default=60, gt=0, le=3600, description="Shown for this long.")
+
+
+class WaitsResponse(BaseModel):
+    object: Literal["cluster.waits"] = "cluster.waits"
+    count: int
 
 
 class EstimateRequest(BaseModel):

@@ -161,9 +161,15 @@ async def costs(
     def work():
         with state.db.read() as conn:
             now = state.db.now(conn)
-            return cq.run_costs(conn, p.org_id, price_of, since=since, job_id=job_id, now=now)
+            rows = cq.run_costs(conn, p.org_id, price_of, since=since, job_id=job_id, now=now)
+            pods = [] if job_id else cq.list_pods(conn, p.org_id, now=now, since=since)
+            return rows, pods
 
-    rows = await state.call(work)
+    rows, pods = await state.call(work)
+    billed_by_day: dict[str, float] = {}
+    for pod in pods:
+        day = datetime.fromtimestamp(pod["launched_at"], tz=timezone.utc).strftime("%Y-%m-%d")
+        billed_by_day[day] = round(billed_by_day.get(day, 0.0) + pod["cost_usd"], 6)
     by_job: dict[str, float] = {}
     by_day: dict[str, float] = {}
     for r in rows:
@@ -175,7 +181,70 @@ async def costs(
         by_job=by_job,
         by_day=by_day,
         total_usd=round(sum(r["cost_usd"] for r in rows), 6),
+        billed_usd=round(sum(pod["cost_usd"] for pod in pods), 6),
+        billed_by_day=billed_by_day,
     )
+
+
+@router.post("/pods", response_model=ct.ClusterPod)
+async def record_pod(
+    body: ct.PodRecordRequest, request: Request, p: Principal = Depends(principal)
+) -> ct.ClusterPod:
+    """A manager's report on one of its pods: launched, its worker registered, terminated."""
+    require(p, "user")
+    state = request.app.state.ow
+
+    def work():
+        for _ in range(3):
+            try:
+                with state.db.write() as conn:
+                    now = state.db.now(conn)
+                    row = cq.record_pod(conn, p.org_id, body.model_dump(), now)
+                    return cq.list_pods_row(row, now)
+            except cq.PodRace:
+                continue  # recorded by another call first: complete that row
+        raise Invalid("Could not record the pod; try again.")
+
+    return ct.ClusterPod(**await state.call(work))
+
+
+@router.get("/pods", response_model=ct.ClusterPodList)
+async def list_pods(
+    request: Request,
+    since: float | None = Query(default=None, description="Pods running at or after this epoch."),
+    running: bool | None = Query(default=None, description="Only running (or ended) pods."),
+    limit: int = Query(default=1000, ge=1, le=10000),
+    p: Principal = Depends(principal),
+) -> ct.ClusterPodList:
+    """The org's pods, newest first, with billed time and cost (boot and idle included)."""
+    require(p, "user")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            now = state.db.now(conn)
+            return cq.list_pods(conn, p.org_id, now=now, since=since, running=running, limit=limit)
+
+    pods = await state.call(work)
+    return ct.ClusterPodList(
+        data=[ct.ClusterPod(**pod) for pod in pods],
+        billed_usd=round(sum(pod["cost_usd"] for pod in pods), 6),
+    )
+
+
+@router.post("/waits", response_model=ct.WaitsResponse)
+async def set_waits(
+    body: ct.WaitsRequest, request: Request, p: Principal = Depends(principal)
+) -> ct.WaitsResponse:
+    """The manager's reason each pending job waits: shown in the job's `pending_reason`."""
+    require(p, "user")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.write() as conn:
+            return cq.set_waits(conn, p.org_id, body.reasons, state.db.now(conn), body.ttl_s)
+
+    return ct.WaitsResponse(count=await state.call(work))
 
 
 #: Typical RunPod GPU pod start to worker registration (image cached on the host: less).
