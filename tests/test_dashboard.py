@@ -178,6 +178,38 @@ def test_other_orgs_ids_give_404_pages(server, browser, ow, tmp_path):
         assert resp.status == 404, path
     page.goto(f"{server.url}/dashboard/jobs/{theirs.id}")
     assert "not found" in page.inner_text("main")
+    csrf = page.get_attribute('meta[name="csrf-token"]', "content")
+    with http(server, page) as c:  # actions on another org's objects: 404, nothing changes
+        for path in (f"/dashboard/jobs/{theirs.id}/cancel", f"/dashboard/jobs/{theirs.id}/restart"):
+            assert c.post(path, data={"csrf": csrf}).status_code == 404, path
+    assert ow.jobs.retrieve(theirs.id).status == "pending"
+    page.context.close()
+
+
+def test_every_state_changing_route_needs_the_csrf_token(server, browser, api_key):
+    """Every POST route of the dashboard (found from the router, so a new one cannot be missed)
+    refuses a request that carries the session cookie but not its CSRF token."""
+    from openweights.server.dashboard.routes import router
+
+    posts = [
+        r.path
+        for r in router.routes
+        if "POST" in getattr(r, "methods", ()) and not r.path.endswith(("/login", "/signup"))
+    ]
+    assert len(posts) >= 10, posts
+    page = login(browser, server, api_key)
+    with http(server, page) as c:
+        for path in posts:
+            url = path.replace("{job_id}", "job-x").replace("{worker_id}", "worker-x")
+            url = url.replace("{token_id}", "tok-x").replace("{name}", "X")
+            r = c.post(url, data={"name": "A", "value": "b"})
+            assert r.status_code == 403 and "CSRF" in r.text, (path, r.status_code)
+            r = c.post(url, json={"model": "m", "messages": []})
+            assert r.status_code == 403, path
+        # login and sign-up have no session yet: a cross-site form post is refused by origin
+        for path in ("/dashboard/login", "/dashboard/signup"):
+            r = c.post(path, data={"org_name": "x"}, headers={"origin": "https://evil.example"})
+            assert r.status_code == 403, path
     page.context.close()
 
 
@@ -267,7 +299,30 @@ def test_file_preview_renders_chats_and_preference_pairs_and_downloads(
     assert page.get_attribute("#preview", "data-kind") == "preference"
     assert page.locator("article.pref").count() == 3
     assert page.locator(".chosen").count() == 3 and page.locator(".rejected").count() == 3
+    pref_rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    chosen = page.locator("article.pref").first.locator(".chosen").inner_text()
+    assert _text(pref_rows[0]["chosen"]) in chosen
+
+    # batch-inference results: a table of input and completion
+    rows = [
+        {"messages": [{"role": "user", "content": f"question {i}"}], "completion": f"answer {i}"}
+        for i in range(4)
+    ]
+    res = ow.files.upload(str(write_jsonl(tmp_path / "r.jsonl", rows)), purpose="result")["id"]
+    page.goto(f"{server.url}/dashboard/files/{res}")
+    assert page.get_attribute("#preview", "data-kind") == "completion"
+    cells = page.locator("#preview table tbody tr").first.locator("td").all_inner_texts()
+    assert "question 0" in cells[0] and cells[1].strip() == "answer 0"
+    assert page.locator("#preview table tbody tr").count() == 4
     page.context.close()
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return next(m["content"] for m in value if isinstance(m, dict))
+    return str(value)
 
 
 def test_settings_tokens_shown_once_and_revoked_secrets_write_only(server, browser, api_key):
@@ -329,6 +384,62 @@ def test_cost_page_shows_the_queue_against_capacity(server, browser, ow, api_key
     assert row.locator("td").nth(1).inner_text() == "2"
     page.goto(f"{server.url}/dashboard/models")
     assert "No models yet" in page.inner_text("#models")
+    page.context.close()
+
+
+def test_cost_page_shows_spend_per_job_per_day_and_for_the_org(server, browser):
+    """A run of one hour on a priced pod (written into the server's database: no cloud here)
+    costs that hardware's hourly price, on the job, its day and the org's total."""
+    from sqlalchemy import insert
+
+    from openweights import OpenWeights
+    from openweights.cluster.catalog import DEFAULT_CATALOG
+    from openweights.server.dashboard._render import ts
+    from openweights.store import schema as s
+    from openweights.store.db import Database
+
+    offer = next(o for o in DEFAULT_CATALOG.offers() if o.count == 1 and o.price_per_hour > 0)
+    key = server.signup("payer")
+    ow = OpenWeights(base_url=server.url, api_key=key)
+    job = ow.jobs.create(type="priced", script="echo", params={"n": 1})
+    db = Database(f"sqlite:///{server.home / 'openweights.db'}")
+    try:
+        with db.write() as conn:
+            now = db.now(conn)
+            pk, org = conn.execute(
+                s.jobs.select()
+                .with_only_columns(s.jobs.c.pk, s.jobs.c.org_id)
+                .where(s.jobs.c.id == job.id)
+            ).one()
+            conn.execute(
+                insert(s.workers).values(
+                    id="worker-pod0000001", org_id=org, name="pod-1", status="shutdown",
+                    hardware={"gpu_count": 1, "gpu_type": offer.gpu, "cpu_count": 8,
+                              "memory_gb": 32.0},
+                    hardware_type=offer.hardware_type, vram_gb=offer.vram_gb, any_hardware=False,
+                    cached_models=[], provider="runpod", last_seen_at=now, created_at=now,
+                )
+            )  # fmt: skip
+            conn.execute(
+                insert(s.runs).values(
+                    org_id=org, job_pk=pk, worker_id="worker-pod0000001", attempt=1,
+                    status="completed", started_at=now - 7200, finished_at=now - 3600,
+                    log_size=0, hardware=offer.hardware_type,
+                )
+            )  # fmt: skip
+    finally:
+        db.dispose()
+    page = login(browser, server, key, "/dashboard/cost")
+    assert page.inner_text("#cost-total") == f"${offer.price_per_hour:.2f}"
+    day = ts(now - 7200)[:10]
+    assert page.locator("#cost-by-day tbody tr").all_inner_texts() == [
+        f"{day}\t{offer.price_per_hour:.4f}"
+    ]
+    row = page.locator("#cost-by-job tbody tr", has_text=job.id)
+    assert f"{offer.price_per_hour:.4f}" in row.inner_text()
+    page.goto(f"{server.url}/dashboard/jobs/{job.id}")
+    assert f"${offer.price_per_hour:.4f}" in page.inner_text("#runs")
+    assert "pod-1" in page.inner_text("#runs") and offer.hardware_type in page.inner_text("#runs")
     page.context.close()
 
 

@@ -89,6 +89,16 @@ def test_job_pages_follow_a_running_job_live(server, browser, ow, api_key, start
     workers.goto(f"{server.url}/dashboard/workers")
     row = workers.locator("#workers tbody tr", has_text="dash-worker")
     assert job.id in row.inner_text() and "active" in row.inner_text()
+    worker_id = row.get_attribute("data-worker")
+    row.get_by_role("link", name="dash-worker").click()  # the worker: its runs and their logs
+    workers.wait_for_url(f"**/dashboard/workers/{worker_id}")
+    assert job.id in workers.inner_text("#worker-current")
+    assert "cpu" in workers.inner_text("#worker-facts")
+    workers.locator("#worker-current").get_by_role("link", name="live log").click()
+    workers.wait_for_function(
+        "document.querySelector('#log').textContent.includes('first line of the job')"
+    )
+    workers.close()
 
     go.write_text("go")  # the job goes on: the open pages update without a reload
     page.wait_for_function(
@@ -158,6 +168,21 @@ def test_job_pages_follow_a_running_job_live(server, browser, ow, api_key, start
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [job.id, "completed"]  # the same job: same content hash
 
+    # another org sees none of it: the job's pages, its run's log and the worker are 404s
+    run_id = ow.jobs.retrieve(job.id).runs[-1].id
+    intruder = login(page.context.browser, server, server.signup("intruder"))
+    for path in (
+        f"/dashboard/jobs/{job.id}/events",
+        f"/dashboard/jobs/{job.id}/samples",
+        f"/dashboard/jobs/{job.id}/heatmap",
+        f"/dashboard/runs/{run_id}/log/stream",
+        f"/dashboard/runs/{run_id}/log.txt",
+        f"/dashboard/workers/{worker_id}",
+    ):
+        assert intruder.goto(server.url + path).status == 404, path
+    assert "dash-worker" not in intruder.goto(f"{server.url}/dashboard/workers").text()
+    intruder.context.close()
+
     page.click("#restart-job")
     wait_until(lambda: ow.jobs.retrieve(job.id).status != "completed", 30, "restart")
     page.context.close()
@@ -178,7 +203,7 @@ def test_compare_overlays_metrics_and_diffs_params(
         )
         for lr in (0.1, 0.2)
     ]
-    start_worker(server.url, worker_token(ow))
+    start_worker(server.url, worker_token(ow), name="cmp-worker")
     for j in jobs:
         j.wait(timeout=120)
         assert j.status == "completed"
@@ -194,4 +219,16 @@ def test_compare_overlays_metrics_and_diffs_params(
     assert not page.locator("#params-diff tr.same").first.is_visible()
     page.uncheck("#diff-only")
     assert page.locator("#params-diff tr.same", has_text="same").is_visible()
+
+    # shut the worker down from its page
+    page.goto(f"{server.url}/dashboard/workers")
+    page.locator("#workers tbody tr", has_text="cmp-worker").get_by_role(
+        "link", name="cmp-worker"
+    ).click()
+    runs = page.inner_text("#worker-runs")
+    assert all(j.id in runs for j in jobs)
+    page.click("#shutdown-worker")
+    page.wait_for_url("**/dashboard/workers")
+    assert "shutdown" in page.inner_text('#workers tbody tr:has-text("cmp-worker")')
+    assert any(w.name == "cmp-worker" and w.status == "shutdown" for w in ow.workers.list())
     page.context.close()

@@ -231,10 +231,25 @@ def metrics(
     return {"metrics": out, "last_id": last}
 
 
+def iter_file_events(conn: Connection, org_id: str, job_pk: int):
+    """(id, run_id, data, file) of a job's events that name a file (in the `file` column or in
+    the data): the filter runs in SQL, so a run with 100k metric events is not decoded here."""
+    qry = (
+        select(E.c.id, E.c.run_id, E.c.data, E.c.file)
+        .where(
+            E.c.org_id == org_id,
+            E.c.job_pk == job_pk,
+            or_(E.c.file.is_not(None), E.c.data["file"].as_string().is_not(None)),
+        )
+        .order_by(E.c.id)
+    )
+    return conn.execute(qry)
+
+
 def sample_events(conn: Connection, org_id: str, job_pk: int) -> dict[str, list[dict]]:
     """Sampling-callback events (`{tag, step, file}`) per tag, by step."""
     out: dict[str, list[dict]] = defaultdict(list)
-    for eid, rid, data, file in iter_event_data(conn, org_id, job_pk, None, 0):
+    for eid, rid, data, file in iter_file_events(conn, org_id, job_pk):
         if not isinstance(data, dict):
             continue
         f = file or data.get("file")
@@ -257,6 +272,18 @@ def worker_names(conn: Connection, org_id: str) -> dict[str, dict]:
             )
         ).mappings()
     }
+
+
+def worker_runs(conn: Connection, org_id: str, worker_id: str, limit: int) -> list[dict]:
+    """The runs a worker ran, newest first, with their job id (its logs are those runs' logs)."""
+    qry = (
+        select(R, J.c.id.label("job_id"), J.c.type.label("job_type"))
+        .join(J, J.c.pk == R.c.job_pk)
+        .where(R.c.org_id == org_id, R.c.worker_id == worker_id)
+        .order_by(R.c.id.desc())
+        .limit(limit)
+    )
+    return [dict(r) for r in conn.execute(qry).mappings()]
 
 
 def runs_by_id(conn: Connection, org_id: str, run_ids: list[int]) -> dict[int, dict]:
@@ -295,7 +322,7 @@ def logp_files(conn: Connection, org_id: str, job_pk: int) -> dict[str, dict[int
     """Token-level log-probability files of the logprob callback (uploaded as
     `logp/<dataset>/step-<n>.jsonl`): {dataset: {step: file id}} (the last run's file wins)."""
     out: dict[str, dict[int, str]] = defaultdict(dict)
-    for _eid, _rid, data, file in iter_event_data(conn, org_id, job_pk, None, 0):
+    for _eid, _rid, data, file in iter_file_events(conn, org_id, job_pk):
         if not isinstance(data, dict) or not isinstance(data.get("path"), str):
             continue
         m = _LOGP_PATH.search(data["path"])

@@ -79,6 +79,21 @@ def content_text(content: Any) -> str:
     return "" if content is None else json.dumps(content, ensure_ascii=False)
 
 
+def short(value: Any) -> str:
+    """An output value for a glance: floats to 6 significant digits, other JSON compact."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:199] + "…"
+    return compact(value, 200)
+
+
+def heat(logp: float, lo: float, hi: float) -> str:
+    """Background colour of a token: red (lo) → yellow → green (hi)."""
+    t = 1.0 if hi <= lo else min(max((logp - lo) / (hi - lo), 0.0), 1.0)
+    return f"hsl({t * 120:.0f},70%,80%)"
+
+
 FILTERS = {
     "ts": ts,
     "ago": ago,
@@ -87,6 +102,7 @@ FILTERS = {
     "pretty": pretty,
     "compact": compact,
     "content_text": content_text,
+    "short": short,
 }
 
 

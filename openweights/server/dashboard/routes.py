@@ -66,6 +66,7 @@ env.globals.update(
     statuses=STATUSES,
     prompt_of=_render.prompt_of,
     completion_of=_render.completion_of,
+    heat=_render.heat,
 )
 
 
@@ -118,13 +119,21 @@ def install(app) -> None:
         query = urlencode({"next": exc.next_url, **({"reason": exc.reason} if exc.reason else {})})
         return RedirectResponse(f"{PREFIX}/login?{query}", status_code=303)
 
+    async def session_or_none(request: Request) -> Session | None:
+        try:  # an error page keeps the navigation when the browser is logged in
+            return await current(request)
+        except LoginRequired:
+            return None
+
     @app.exception_handler(PageNotFound)
     async def not_found(request: Request, exc: PageNotFound):
-        return render(request, "error.html", None, 404, title="Not found", message=exc.message)
+        session = await session_or_none(request)
+        return render(request, "error.html", session, 404, title="Not found", message=exc.message)
 
     @app.exception_handler(CSRFError)
     async def csrf_error(request: Request, exc: CSRFError):
-        return render(request, "error.html", None, 403, title="Forbidden", message=str(exc))
+        session = await session_or_none(request)
+        return render(request, "error.html", session, 403, title="Forbidden", message=str(exc))
 
 
 def _partial(request: Request) -> bool:
@@ -846,6 +855,28 @@ async def workers_page(request: Request, session: Session = Depends(current)):
     return render(request, "workers.html", session, workers=rows, now=now)
 
 
+WORKER_RUNS = 50
+
+
+@router.get("/workers/{worker_id}")
+async def worker_page(request: Request, worker_id: str, session: Session = Depends(current)):
+    """One worker: hardware, cached models and the runs it ran (their logs are its job logs)."""
+    state = request.app.state.ow
+    org = session.org_id
+
+    def work(conn):
+        w = q.get_worker(conn, org, worker_id)
+        return w, dq.worker_runs(conn, org, worker_id, WORKER_RUNS), state.db.now(conn)
+
+    w, runs, now = await db(request, _read(request, work))
+    if w["status"] == "active" and w["last_seen_at"] < now - state.settings.worker_offline_s:
+        w["status"] = "offline"
+    current_run = next((r for r in runs if r["id"] == w["current_run_id"]), None)
+    return render(
+        request, "worker.html", session, worker=w, runs=runs, current_run=current_run, now=now
+    )
+
+
 @router.post("/workers/{worker_id}/shutdown")
 async def shutdown_worker(request: Request, worker_id: str, session: Session = Depends(current)):
     await check_csrf(request, session)
@@ -1066,9 +1097,14 @@ async def cost_page(request: Request, session: Session = Depends(current)):
 
     runs, workers, groups, now = await db(request, _read(request, work))
     by_job: dict[str, float] = {}
+    hours: dict[str, float] = {}
+    hardware: dict[str, set] = {}
     by_day: dict[str, float] = {}
     for r in runs:
         by_job[r["job_id"]] = by_job.get(r["job_id"], 0.0) + r["cost_usd"]
+        end = r["finished_at"] if r["finished_at"] is not None else now
+        hours[r["job_id"]] = hours.get(r["job_id"], 0.0) + max(0.0, end - r["started_at"]) / 3600
+        hardware.setdefault(r["job_id"], set()).add(r["hardware_type"] or "?")
         day = _render.ts(r["started_at"])[:10]
         by_day[day] = by_day.get(day, 0.0) + r["cost_usd"]
     live = [
@@ -1085,7 +1121,11 @@ async def cost_page(request: Request, session: Session = Depends(current)):
         "cost.html",
         session,
         total=sum(by_job.values()),
-        by_job=sorted(by_job.items(), key=lambda kv: -kv[1])[:200],
+        by_job=[
+            (j, usd, hours[j], ", ".join(sorted(hardware[j])))
+            for j, usd in sorted(by_job.items(), key=lambda kv: (-kv[1], -hours[kv[0]]))[:200]
+        ],
+        n_jobs=len(by_job),
         by_day=sorted(by_day.items(), reverse=True),
         groups=groups,
         live=live,
@@ -1106,9 +1146,11 @@ async def heatmap_page(
     job_id: str,
     dataset: str = "",
     row: int = Query(default=0, ge=0),
+    scale: str = "relative",
     session: Session = Depends(current),
 ):
-    """Per-token log-probabilities of one row of a logprob-tracking dataset, one line per step."""
+    """Per-token log-probabilities of one row of a logprob-tracking dataset, one line per step.
+    Colours span this row's own range (`relative`, so a small change shows) or −8…0 (`absolute`)."""
     state = request.app.state.ow
     org = session.org_id
 
@@ -1132,7 +1174,25 @@ async def heatmap_page(
         lines.append({"step": step, "tokens": tokens, "mean": mean})
     if steps:
         n_rows = await state.call(_count_lines, state, org, steps[-1][1])
-    ctx.update(dataset=dataset, row=row, lines=lines, n_rows=n_rows, datasets=list(files))
+    scale = scale if scale in ("relative", "absolute") else "relative"
+    values = [
+        t["logp"]
+        for line in lines
+        for t in line["tokens"]
+        if isinstance(t.get("logp"), int | float)
+    ]
+    lo, hi = (min(values), max(values)) if values and scale == "relative" else (-8.0, 0.0)
+    ctx.update(
+        dataset=dataset,
+        row=row,
+        lines=lines,
+        n_rows=n_rows,
+        datasets=list(files),
+        scale=scale,
+        lo=lo,
+        hi=hi,
+        legend=[lo + (hi - lo) * i / 4 for i in range(5)],
+    )
     return render(request, "job_heatmap.html", session, tab="heatmap", **ctx)
 
 

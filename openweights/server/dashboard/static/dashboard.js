@@ -81,6 +81,19 @@
     return out;
   }
 
+  // axis numbers: distinct at the tick spacing, compact when large or tiny
+  function fmtTick(v, incr) {
+    if (v == null) return "";
+    const a = Math.abs(v);
+    if (a !== 0 && (a >= 1e5 || a < 1e-4)) return v.toExponential(a >= 1e5 ? 2 : 1).replace("e+", "e");
+    const dec = incr > 0 ? Math.min(8, Math.max(0, Math.ceil(-Math.log10(incr) - 1e-9))) : 2;
+    return v.toFixed(dec);
+  }
+  const yAxis = {
+    values: (u, splits, _ax, _space, incr) => splits.map((v) => fmtTick(v, incr)),
+    size: (u, values) => (values ? Math.max(...values.map((v) => String(v).length), 2) * 7 + 18 : 50),
+  };
+
   class Plots {
     constructor(root) {
       this.root = root;
@@ -88,6 +101,7 @@
       this.charts = {}; // metric -> {u, box}
       this.smooth = 0;
       this.log = false;
+      this.skip = [];   // metrics shown in the one-value table instead of a chart
       const s = $("#smoothing"), out = $("#smoothing-value"), lg = $("#logscale");
       if (s) s.addEventListener("input", () => { this.smooth = +s.value; out.value = s.value; this.redrawAll(); });
       if (lg) lg.addEventListener("change", () => { this.log = lg.checked; this.rebuildAll(); });
@@ -143,8 +157,8 @@
         const opts = {
           ...this.size(box),
           scales: { x: { time: false }, y: logOk ? { distr: 3 } : {} },
-          axes: [{ label: "step" }, {}],
-          series: [{ label: "step" }].concat(keys.map((k, i) => ({ label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true, points: { show: data[0].length < 40 } }))),
+          axes: [{ label: "step" }, logOk ? { size: yAxis.size } : yAxis],
+          series: [{ label: "step" }].concat(keys.map((k, i) => ({ label: k, stroke: this.color(k, i), width: 1.5, spanGaps: true, points: { show: data[0].length < 40 } }))),
           legend: { live: true },
         };
         const u = new uPlot(opts, data, box.querySelector(".chart"));
@@ -155,6 +169,27 @@
       c.box.dataset.points = String(this.points(metric));
       c.box.dataset.series = JSON.stringify(keys);
     }
+    color(key, i) {
+      // comparing jobs: one colour per job on every chart, so a job is the same line everywhere
+      if (this.jobs) {
+        const j = this.jobs.findIndex((id) => key.startsWith(id + " "));
+        const n = this.jobs.length, within = this.seriesIndex(key);
+        if (j >= 0) return COLORS[(j + within * n) % COLORS.length];
+      }
+      return COLORS[i % COLORS.length];
+    }
+    seriesIndex(key) {
+      // the same series name (e.g. tag=a) gets the same offset for every job
+      const rest = key.slice(key.indexOf(" ") + 1);
+      this.names = this.names || [];
+      let k = this.names.indexOf(rest);
+      if (k < 0) { this.names.push(rest); k = this.names.length - 1; }
+      return k;
+    }
+    singles() {
+      // a metric with one point per series (a run's final summary: train_runtime, total_flos…)
+      return Object.keys(this.raw).filter((m) => Object.values(this.raw[m]).every((s) => s[0].length <= 1));
+    }
     insertSorted(box, metric) {
       // the curves researchers look at first, then the rest by name
       const FIRST = ["loss", "eval_loss", "logp_mean", "logp", "reward", "rewards", "learning_rate", "grad_norm"];
@@ -162,7 +197,32 @@
       const after = Array.from(this.root.children).find((el) => rank(el.dataset.metric) > rank(metric));
       this.root.insertBefore(box, after || null);
     }
-    redrawAll() { for (const m in this.raw) this.draw(m); }
+    redrawAll() { for (const m in this.raw) if (!this.skip.includes(m)) this.draw(m); }
+    singleTable(metrics) {
+      // finished jobs: one-point metrics as a table, not as charts of a single dot
+      const host = $("#single-values");
+      if (!host || !metrics.length) return;
+      const rows = [];
+      for (const m of metrics.sort())
+        for (const k of Object.keys(this.raw[m]).sort()) {
+          const [xs, ys] = this.raw[m][k];
+          rows.push([k, xs[0], ys[0]]);
+        }
+      const table = document.createElement("table");
+      table.className = "grid"; table.id = "single-values-table";
+      table.innerHTML = "<caption>Logged once (at one step)</caption><thead><tr><th scope=col>Metric</th><th scope=col>Step</th><th scope=col>Value</th></tr></thead>";
+      const body = document.createElement("tbody");
+      for (const [k, x, y] of rows) {
+        const tr = document.createElement("tr");
+        for (const v of [k, x, Number.isInteger(y) ? String(y) : Number(y.toPrecision(6)).toString()]) {
+          const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
+        }
+        tr.dataset.metric = k;
+        body.appendChild(tr);
+      }
+      table.appendChild(body);
+      host.replaceChildren(table);
+    }
     rebuildAll() { for (const m in this.charts) { this.charts[m].u.destroy(); this.charts[m].box.querySelector(".chart").innerHTML = ""; this.charts[m].keys = []; } this.redrawAll(); }
     load(metrics, prefix) {
       for (const metric in metrics)
@@ -178,11 +238,14 @@
     const plots = new Plots(root);
     if (root.dataset.compare) {
       const ids = JSON.parse(root.dataset.compare);
+      plots.jobs = ids;
       for (const id of ids) {
         const r = await fetch(root.dataset.prefix + "/jobs/" + encodeURIComponent(id) + "/metrics.json");
         if (r.ok) plots.load((await r.json()).metrics, id);
       }
+      plots.skip = plots.singles();
       plots.redrawAll();
+      plots.singleTable(plots.skip);
       state.textContent = Object.keys(plots.raw).length ? "" : "no metrics in these jobs";
       root.dataset.ready = "1";
       return;
@@ -190,10 +253,14 @@
     const r = await fetch(root.dataset.metrics);
     const body = await r.json();
     plots.load(body.metrics);
+    const done = ["completed", "failed", "canceled"].includes(body.status);
+    const singles = done ? plots.singles() : [];
+    plots.skip = singles;
     plots.redrawAll();
+    plots.singleTable(singles);
     root.dataset.ready = "1";
     const empty = () => (Object.keys(plots.raw).length ? "" : " · no metrics yet");
-    if (["completed", "failed", "canceled"].includes(body.status)) { state.textContent = "job " + body.status + empty(); return; }
+    if (done) { state.textContent = "job " + body.status + empty(); return; }
     const sep = root.dataset.stream.includes("?") ? "&" : "?";
     const es = new EventSource(root.dataset.stream + sep + "after=" + body.last_id);
     state.textContent = "live" + empty();
@@ -264,7 +331,10 @@
           if (!r.ok) { bubble(pane, "error", (data.error && data.error.message) || ("HTTP " + r.status)); return; }
           const answer = data.choices[0].message.content || "";
           history[i].push({ role: "assistant", content: answer });
-          bubble(pane, "assistant", answer).classList.add("answer");
+          const b = bubble(pane, "assistant", answer || "(empty answer: the model stopped at once)");
+          b.classList.add("answer");
+          if (!answer) b.classList.add("empty");
+          if (data.usage) b.title = data.usage.completion_tokens + " completion token(s)";
         } catch (err) { bubble(pane, "error", String(err)); }
       }));
       state.textContent = "";
