@@ -129,9 +129,14 @@ def test_cluster_killed_mid_scale_up_restarts_without_leaking_or_doubling_pods(
             "the job",
         )
         assert get(server, api_key, f"/v1/jobs/{job['id']}")["attempts"] == 1
+        assert len(get(server, api_key, f"/v1/jobs/{job['id']}/runs")["data"]) == 1
         wait_until(lambda: pod_records(home) == [], 90, "the idle pod to stop")
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0
+        # one pod on record, launched by the killed manager, closed by the second
+        (row,) = get(server, api_key, "/v1/cluster/pods")["data"]
+        assert row["provider"] == "local" and row["job_id"] == job["id"]
+        assert row["registered_at"] and row["termination_reason"].startswith("idle for")
     finally:
         env.update(OPENWEIGHTS_URL=server.url, OPENWEIGHTS_API_KEY=api_key)
         _teardown_pods(env)

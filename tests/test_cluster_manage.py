@@ -86,6 +86,8 @@ def test_manage_checks_secrets_and_reports_status(server, tmp_path):
     assert (
         r.returncode == 0 and "managed:        yes" in r.stdout and "pending jobs:   0" in r.stdout
     )
+    assert "pods running:   0 (0.00 USD billed so far)" in r.stdout
+    assert "0.00 USD of job runs, 0.00 USD of pod time" in r.stdout
     assert ow("manage", "stop", env=env).returncode == 0
     names = [s["name"] for s in get(server, key, "/v1/secrets")["data"]]
     assert "OW_MANAGED" not in names and "RUNPOD_API_KEY" in names

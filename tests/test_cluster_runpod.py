@@ -126,7 +126,7 @@ def test_runpod_provider_speaks_the_graphql_api_and_maps_its_failures(double):
 
 
 def test_manager_picks_cheapest_allowed_hardware_retries_on_no_capacity_and_scopes_pod_env(
-    server, api_key, double, managers
+    server, api_key, double, managers, tmp_path
 ):
     double.no_capacity.add(A100)
     httpx.put(
@@ -184,6 +184,16 @@ def test_manager_picks_cheapest_allowed_hardware_retries_on_no_capacity_and_scop
     assert run["hardware_type"] == "1x H200" and run["provider"] == "runpod"
     assert run["started_at"] <= run["finished_at"]
     assert costs["billed_usd"] >= row["cost_usd"] > 0 and costs["billed_usd"] > costs["total_usd"]
+    # `ow ls --cost`: each job's cost, and the org's
+    from tests.test_cluster_cli import env_for, ow
+
+    r = ow("ls", "--cost", env=env_for(server, api_key, tmp_path / "home"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["COST", "USD"]
+    (line,) = [ln for ln in lines if ln.startswith(job["id"])]
+    assert line.split()[-1] == f"{costs['by_job'][job['id']]:.4f}"
+    assert "USD of job runs" in lines[-1] and "USD of pod time billed" in lines[-1]
 
 
 def test_pod_that_never_boots_is_replaced_and_its_hardware_backed_off(

@@ -447,7 +447,12 @@ def cmd_manage(args: argparse.Namespace) -> int:
     print(f"managed:        {'yes' if 'OW_MANAGED' in names else 'no'}")
     print(f"pending jobs:   {state['pending_total']}")
     print(f"active workers: {len(pods)} from pods, {len(state['workers']) - len(pods)} other")
-    print(f"cost, last 24h: {costs['total_usd']:.2f} USD (busy time)")
+    running = ow._http.request("GET", "/v1/cluster/pods", params={"running": "true"}).json()
+    print(f"pods running:   {len(running['data'])} ({running['billed_usd']:.2f} USD billed so far)")
+    print(
+        f"cost, last 24h: {costs['total_usd']:.2f} USD of job runs, "
+        f"{costs['billed_usd']:.2f} USD of pod time (boot and idle included)"
+    )
     return 0
 
 

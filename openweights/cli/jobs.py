@@ -27,6 +27,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--limit", type=int, default=100, help="At most this many jobs (default: %(default)s)."
     )
+    p.add_argument(
+        "--cost",
+        action="store_true",
+        help="The table with each job's cost and the org's total, even when piped.",
+    )
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser(
@@ -71,16 +76,42 @@ def _note(message: str) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    jobs = c.make_client().jobs.list(status=args.status, type=args.type, limit=args.limit)
-    if not c.stdout_is_tty():
+    ow = c.make_client()
+    jobs = ow.jobs.list(status=args.status, type=args.type, limit=args.limit)
+    if not c.stdout_is_tty() and not getattr(args, "cost", False):
         for job in jobs:
             print(job.id)
         return 0
     from openweights.client._models import format_time
 
     rows = [(j.id, j.type, j.status, format_time(j.created_at), j.model) for j in jobs]
-    print(c.format_table(["ID", "TYPE", "STATUS", "CREATED", "MODEL"], rows))
+    headers = ["ID", "TYPE", "STATUS", "CREATED", "MODEL"]
+    costs = _costs(ow, min((j.created_at for j in jobs), default=None))
+    if costs is not None:
+        headers.append("COST USD")
+        rows = [
+            (*r, f"{costs['by_job'].get(j.id, 0.0):.4f}") for r, j in zip(rows, jobs, strict=True)
+        ]
+    print(c.format_table(headers, rows))
+    if costs is not None:
+        print(
+            f"org since {format_time(costs['since'])}: {costs['total_usd']:.4f} USD of job runs, "
+            f"{costs['billed_usd']:.4f} USD of pod time billed (boot and idle included)"
+        )
     return 0
+
+
+def _costs(ow: Any, since: float | None) -> dict | None:
+    """Cost per job and the org's totals since the oldest listed job (`/v1/cluster/costs`)."""
+    from openweights._exceptions import APIConnectionError, APIStatusError
+
+    if since is None:
+        return None
+    try:
+        r = ow._http.request("GET", "/v1/cluster/costs", params={"since": since}).json()
+    except (APIStatusError, APIConnectionError):
+        return None  # an older server, or a token that may not read costs: no column
+    return {**r, "since": since}
 
 
 # ---------------------------------------------------------------- cancel
