@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from openweights.jobs.inference.engines import InferenceError, Prompt
-from openweights.jobs.inference.params import InferenceConfig
+from openweights.jobs.inference.params import OPENAI_PREFIX, InferenceConfig
 
 UPLOADS = Path("uploads")
 RESULT = UPLOADS / "results.jsonl"
@@ -43,11 +43,10 @@ def load_rows(ow: Any, file_id: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def finished_rows(ow: Any, job_id: str) -> dict[int, dict]:
-    """Rows earlier runs of this job saved: {index: output fields}."""
+def finished_rows(ow: Any, events: list[dict]) -> dict[int, dict]:
+    """Rows earlier runs of this job saved (`events`: their data): {index: output fields}."""
     done: dict[int, dict] = {}
-    for event in ow.events.list(job_id=job_id):
-        data = event.get("data") or {}
+    for data in events:
         if data.get("type") != CHUNK_EVENT or not data.get("chunk_file"):
             continue
         for line in ow.files.content(data["chunk_file"]).decode("utf-8").splitlines():
@@ -142,12 +141,29 @@ def load_engine(cfg: InferenceConfig, ow: Any) -> Any:
 def run(cfg: InferenceConfig, ow: Any, job_id: str) -> dict:
     t0 = time.monotonic()
     rows = load_rows(ow, cfg.input_file_id)
-    done = finished_rows(ow, job_id)
+    earlier = [e.get("data") or {} for e in ow.events.list(job_id=job_id)]
+    done = finished_rows(ow, earlier)
     done = {i: r for i, r in done.items() if i < len(rows)}
     todo = [i for i in range(len(rows)) if i not in done]
     info: dict[str, Any] = {"type": "engine", "rows": len(rows), "resumed_rows": len(done)}
     saver = ChunkSaver(ow, every_s=cfg.save_every_s, total=len(rows), done=len(done))
-    if todo:
+    if todo and cfg.model.startswith(OPENAI_PREFIX):
+        from openweights.jobs.inference.openai_batch import OpenAIBatch
+
+        batch = OpenAIBatch(cfg, log=ow.run.log)
+        ow.run.log({**info, "engine": batch.name, "model": cfg.model})
+        t_gen = time.monotonic()
+        for index, output in sorted(batch.run([(i, rows[i]) for i in todo], earlier).items()):
+            saver.add(index, output)
+            done[index] = output
+        saver.flush()  # what did come back is kept, even when some rows failed
+        gen_s = time.monotonic() - t_gen
+        if batch.failed:
+            raise InferenceError(
+                f"{len(batch.failed)} of {len(todo)} rows failed on OpenAI's Batch API: "
+                + "; ".join(batch.failed[:5])
+            )
+    elif todo:
         engine, local = load_engine(cfg, ow)
         from openweights.jobs.inference.engines import render_prompts
 

@@ -11,10 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["InferenceConfig", "guess_vram_gb"]
+__all__ = ["OPENAI_PREFIX", "InferenceConfig", "guess_vram_gb"]
 
 #: vLLM returns at most this many top log-probabilities per token.
 MAX_LOGPROBS = 20
+#: `model="openai/gpt-4o-mini"`: the rows go to OpenAI's Batch API (see `openai_batch`).
+OPENAI_PREFIX = "openai/"
 
 
 class InferenceConfig(BaseModel):
@@ -23,8 +25,9 @@ class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        description="Hub id, local path (model or LoRA adapter dir), or a model made by an "
-        "earlier fine-tune (its `finetuned_model_id`, or `<id>/checkpoint-N`)."
+        description="Hub id, local path (model or LoRA adapter dir), a model made by an "
+        "earlier fine-tune (its `finetuned_model_id`, or `<id>/checkpoint-N`), or "
+        "`openai/<model>`: OpenAI's Batch API with the org's OPENAI_API_KEY (and OPENAI_BASE_URL)."
     )
     input_file_id: str = Field(
         description='A conversations file: one `{"messages": [...]}` or `{"text": ...}` per line. '
@@ -63,8 +66,10 @@ class InferenceConfig(BaseModel):
     )
     load_format: str | None = Field(default=None, description="vLLM load format.")
     seed: int | None = Field(default=None, description="Sampling seed (per row on vLLM).")
-    engine: Literal["auto", "vllm", "transformers"] = Field(
-        default="auto", description="auto: vLLM on CUDA when installed, else batched transformers."
+    engine: Literal["auto", "vllm", "transformers", "openai"] = Field(
+        default="auto",
+        description="auto: OpenAI's Batch API for `openai/` models, else vLLM on CUDA when "
+        "installed, else batched transformers.",
     )
     max_num_seqs: int = Field(
         default=32, ge=1, le=4096, description="Sequences per batch, at most."
@@ -99,11 +104,34 @@ class InferenceConfig(BaseModel):
             )
         if any(not s for s in self.stop):
             raise ValueError("stop: stop strings must not be empty.")
+        if self.model.startswith(OPENAI_PREFIX) or self.engine == "openai":
+            self._check_openai()
         if self.quantization is None and "4bit" in self.model.lower():
             self.quantization = "bitsandbytes"
         if self.load_format is None and "4bit" in self.model.lower():
             self.load_format = "bitsandbytes"
         return self
+
+    def _check_openai(self) -> None:
+        if not self.model.startswith(OPENAI_PREFIX) or len(self.model) == len(OPENAI_PREFIX):
+            raise ValueError(
+                f'engine: "openai" runs `openai/<model>` models only, got model={self.model!r}.'
+            )
+        if self.engine not in ("auto", "openai"):
+            raise ValueError(
+                f"engine: {self.model!r} runs on OpenAI's Batch API, not {self.engine}."
+            )
+        unsupported = {
+            "prefill": self.prefill != "",
+            "min_tokens": self.min_tokens > 1,
+            "quantization": self.quantization is not None,
+            "load_format": self.load_format is not None,
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise ValueError(f"{name}: OpenAI's API has no such option (model {self.model!r}).")
+        if len(self.stop) > 4:
+            raise ValueError(f"stop: OpenAI takes at most 4 stop strings, got {len(self.stop)}.")
 
 
 # a size is its own dash-separated part of the name ("Qwen3-4B", "llama-3-8b-Instruct"), so a job
@@ -116,6 +144,8 @@ def guess_vram_gb(model: str, quantization: str | None = None) -> float:
     """The original's estimate: 2 GB per billion parameters (÷2 for 8-bit, ÷4 for 4-bit) + 15 GB
     for the KV cache; the size comes from a local model's weight files or a `7B` in the name
     (32B when neither says)."""
+    if model.startswith(OPENAI_PREFIX):
+        return 0.0  # the job only talks to OpenAI's API
     path = Path(model).expanduser()
     weights = (
         [p for p in path.glob("*") if p.suffix in (".safetensors", ".bin")] if path.is_dir() else []
