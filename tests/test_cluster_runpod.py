@@ -194,6 +194,20 @@ def test_manager_picks_cheapest_allowed_hardware_retries_on_no_capacity_and_scop
     (line,) = [ln for ln in lines if ln.startswith(job["id"])]
     assert line.split()[-1] == f"{costs['by_job'][job['id']]:.4f}"
     assert "USD of job runs" in lines[-1] and "USD of pod time billed" in lines[-1]
+    # the SDK: the same pods and costs; the next such job's wait is this pod's boot time
+    from openweights import OpenWeights
+
+    with OpenWeights(base_url=server.url, api_key=api_key) as client:
+        assert [x.pod_id for x in client.cluster.pods()] == [row["pod_id"]]
+        assert client.cluster.pods(running=True) == []
+        assert client.cluster.costs(job_id=job["id"]).by_job == {
+            job["id"]: costs["by_job"][job["id"]]
+        }
+        est = client.cluster.estimate(allowed_hardware=["1x H200"])
+    boot = row["registered_at"] - row["launched_at"]
+    assert est.hardware_type == "1x H200" and est.price_per_hour == pytest.approx(3.59)
+    assert est.boot_s_observed == pytest.approx(boot, abs=0.1) == est.estimated_wait_s
+    assert "median of the last 1 such pods" in est.message
 
 
 def test_pod_that_never_boots_is_replaced_and_its_hardware_backed_off(
@@ -286,6 +300,14 @@ def test_spend_cap_reached_mid_burst_holds_launches_says_so_and_runs_every_job_o
             "the spend cap in the job's pending_reason",
         )
         assert "5.38 USD/h running, 1x H100 costs 2.69 USD/h, cap 6.00 USD/h" in reason
+    # the estimate of a created job: its hardware, price, the jobs before it, the manager's word
+    from openweights import OpenWeights
+
+    with OpenWeights(base_url=server.url, api_key=api_key) as client:
+        est = client.cluster.estimate(job_id=waiting[-1]["id"])
+    assert est.hardware_type == "1x H100" and est.price_per_hour == pytest.approx(2.69)
+    assert est.busy_workers == 2 and est.idle_workers == 0 and est.jobs_ahead == 1
+    assert "spend cap" in est.manager_reason and "spend cap" in est.message
     assert len(double.created) == 2 and m.last_report.spend_per_hour == pytest.approx(5.38)
     gate.touch()
     wait_until(
@@ -402,3 +424,16 @@ def test_restarted_manager_adopts_running_pods_and_two_managers_never_double(
     assert all(r["registered_at"] and r["terminated_at"] for r in rows.values())
     lease = {a.holder, b.holder}
     assert len(lease) == 2
+
+
+def test_cluster_resource_has_sync_and_async_twins():
+    import inspect
+
+    from openweights.client.cluster import AsyncCluster, Cluster
+
+    names = [n for n in dir(Cluster) if not n.startswith("_")]
+    assert names == [n for n in dir(AsyncCluster) if not n.startswith("_")]
+    assert set(names) == {"costs", "estimate", "pods"}
+    for n in names:
+        assert inspect.iscoroutinefunction(getattr(AsyncCluster, n))
+        assert inspect.signature(getattr(Cluster, n)) == inspect.signature(getattr(AsyncCluster, n))

@@ -150,6 +150,9 @@ class OpenWeights(_ClientBase):
 
         self.api = Deployments(self)
         self.chat = Chat(self)
+        from openweights.client.cluster import Cluster
+
+        self.cluster = Cluster(self)
 
     @property
     def run(self) -> RunLogger:
@@ -206,6 +209,9 @@ class AsyncOpenWeights(_ClientBase):
 
         self.api = AsyncDeployments(self)
         self.chat = AsyncChat(self)
+        from openweights.client.cluster import AsyncCluster
+
+        self.cluster = AsyncCluster(self)
 
     @property
     def run(self) -> AsyncRunLogger:

@@ -28,6 +28,7 @@ __all__ = [
     "acquire_lease",
     "lease_id",
     "list_pods",
+    "boot_times",
     "list_pods_row",
     "lose_worker",
     "record_pod",
@@ -419,3 +420,20 @@ def wait_reason(conn: Connection, org_id: str, job_id: str, now: float) -> str |
     return conn.execute(
         _WAIT_REASON, {"org_id": org_id, "job_id": job_id, "now": now}
     ).scalar_one_or_none()
+
+
+def boot_times(
+    conn: Connection, org_id: str, hardware_type: str, *, limit: int = 20
+) -> list[float]:
+    """Launch-to-registration seconds of the org's latest pods of this hardware (estimates)."""
+    rows = conn.execute(
+        select(P.c.launched_at, P.c.registered_at)
+        .where(
+            P.c.org_id == org_id,
+            P.c.hardware_type == hardware_type,
+            P.c.registered_at.is_not(None),
+        )
+        .order_by(P.c.launched_at.desc())
+        .limit(limit)
+    )
+    return [max(0.0, reg - launched) for launched, reg in rows]

@@ -203,6 +203,10 @@ class EstimateRequest(BaseModel):
     requires_vram_gb: float = Field(default=0, ge=0, le=100_000)
     allowed_hardware: list[str] | None = None
     docker_image: str | None = None
+    job_id: str | None = Field(
+        default=None,
+        description="A job already created: its own requirements and the jobs queued before it.",
+    )
 
 
 class Estimate(BaseModel):
@@ -213,7 +217,14 @@ class Estimate(BaseModel):
     busy_workers: int = Field(description="Live busy workers that fit it.")
     jobs_ahead: int = Field(description="Pending jobs of the org queued before it.")
     estimated_wait_s: float | None = Field(
-        description="0 with an idle worker; the typical pod boot time when none fits; None when "
-        "it waits for busy workers (their jobs' ends are unknown)."
+        description="0 with an idle worker; the pod boot time when none fits (the median of the "
+        "org's recent pods of that hardware, else a typical 300 s); None when it waits for busy "
+        "workers (their jobs' ends are unknown) or can never start."
+    )
+    boot_s_observed: float | None = Field(
+        default=None, description="Median launch-to-registration of the org's recent such pods."
+    )
+    manager_reason: str | None = Field(
+        default=None, description="Why the org's cluster manager starts no pod for the job now."
     )
     message: str

@@ -3,6 +3,7 @@ losing a dead pod's runs at once, its provider key, and cost per run. User token
 
 from __future__ import annotations
 
+import statistics
 import time
 from datetime import datetime, timezone
 
@@ -12,6 +13,7 @@ from openweights.server.auth import principal, require
 from openweights.server.notify import job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import cluster as cq
+from openweights.store import jobs as q
 from openweights.store.errors import Invalid
 from openweights.store.orgs import Principal
 from openweights.types import cluster as ct
@@ -263,10 +265,26 @@ async def estimate(
 
     def read():
         with state.db.read() as conn:
-            return cq.snapshot(conn, p.org_id, state.db.now(conn))
+            now = state.db.now(conn)
+            snap = cq.snapshot(conn, p.org_id, now)
+            need = body
+            ahead, manager = snap["pending_total"], None
+            if body.job_id is not None:
+                job = q.get_job(conn, p.org_id, body.job_id)
+                need = ct.EstimateRequest(
+                    requires_vram_gb=job["requires_vram_gb"] or 0,
+                    allowed_hardware=job["allowed_hardware"],
+                    docker_image=job["docker_image"],
+                )
+                ahead = sum(1 for j in snap["pending"] if j["queued_at"] < job["queued_at"])
+                if job["status"] == "pending":
+                    manager = cq.wait_reason(conn, p.org_id, job["id"], now)
+            offers = DEFAULT_CATALOG.candidates(need.requires_vram_gb, need.allowed_hardware)
+            boots = cq.boot_times(conn, p.org_id, offers[0].hardware_type) if offers else []
+            return snap, need, ahead, manager, offers, boots
 
-    snap = await state.call(read)
-    offers = DEFAULT_CATALOG.candidates(body.requires_vram_gb, body.allowed_hardware)
+    snap, body, ahead, manager, offers, boots = await state.call(read)
+    boot_s = statistics.median(boots) if boots else None
     allowed = {normalize(h) for h in body.allowed_hardware or []}
 
     def fits(w: dict) -> bool:
@@ -286,8 +304,8 @@ async def estimate(
     ]
     idle = [w for w in live if fits(w) and w["current_run_id"] is None]
     busy = [w for w in live if fits(w) and w["current_run_id"] is not None]
-    ahead = snap["pending_total"]
     offer = offers[0] if offers else None
+    boot = round(boot_s, 1) if boot_s is not None else TYPICAL_BOOT_S
     if idle and ahead < len(idle):
         wait, msg = 0.0, f"{len(idle)} idle worker(s) fit: it starts at once"
     elif offer is None and not busy:
@@ -295,15 +313,18 @@ async def estimate(
     elif offer is None:
         wait, msg = None, f"waits for one of {len(busy)} busy worker(s); no catalog hardware fits"
     else:
-        wait = TYPICAL_BOOT_S
+        wait = boot
+        seen = f" (median of the last {len(boots)} such pods)" if boots else ""
         msg = (
             f"a {offer.hardware_type} pod ({offer.price_per_hour:.2f} USD/h) starts for it when a "
-            f"cluster manager runs and limits allow: ~{TYPICAL_BOOT_S / 60:.0f} min to boot"
+            f"cluster manager runs and limits allow: ~{boot:.0f}s to boot{seen}"
         )
         if busy:
             msg += f", unless one of {len(busy)} busy worker(s) frees up first"
         if ahead:
             msg += f"; {ahead} job(s) queued ahead"
+    if manager:
+        msg += f"; the cluster manager says: {manager}"
     return ct.Estimate(
         hardware_type=offer.hardware_type if offer else None,
         price_per_hour=offer.price_per_hour if offer else None,
@@ -311,5 +332,7 @@ async def estimate(
         busy_workers=len(busy),
         jobs_ahead=ahead,
         estimated_wait_s=wait,
+        boot_s_observed=round(boot_s, 1) if boot_s is not None else None,
+        manager_reason=manager,
         message=msg,
     )
