@@ -225,6 +225,11 @@ def test_a_claim_sees_secret_writes_at_once(server):
     assert _claim_env(api, w, 3) == {}
     assert api.get("/health").headers["x-request-id"]
     assert api.get("/health", headers={"x-request-id": "abc"}).headers["x-request-id"] == "abc"
+    # the hot routes (fast.FastPath, in front of FastAPI's stack) carry it too, errors included
+    r = api.post(f"/v1/workers/{w}/claim", json={"wait_s": 0}, headers={"x-request-id": "c1"})
+    assert r.status_code == 204 and r.headers["x-request-id"] == "c1"
+    r = api.post("/v1/runs/999999/complete", json={"status": "completed"})
+    assert r.status_code == 404 and r.headers["x-request-id"] and r.json()["error"]["type"]
 
 
 @pytest.mark.postgres

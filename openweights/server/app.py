@@ -112,6 +112,19 @@ class RequestIdMiddleware:
             await response(scope, receive, send)
 
 
+class _App(FastAPI):
+    """FastAPI, with the queue's hot routes (`fast.FastPath`) tried before any of FastAPI's own
+    per-request work (its telemetry check, its middleware stack); every request FastPath does
+    not answer goes through the whole stack as before."""
+
+    fast = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.fast is not None and scope["type"] == "http":
+            return await self.fast(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = AppState(settings)
@@ -139,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.deployments.close()  # the keep-alive connections to deployments
             state.db.dispose()
 
-    app = FastAPI(
+    app = _App(
         title="openweights",
         version=VERSION,
         description="Fine-tune, evaluate and serve open-weight LLMs as jobs.",
@@ -149,11 +162,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from openweights.server.limits import BodyLimitMiddleware
 
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     from openweights.server.fast import FastPath
 
-    app.add_middleware(FastPath, state=state)  # workers' claim/heartbeat/complete (fast.py)
-
-    app.add_middleware(RequestIdMiddleware)
+    # workers' claim/heartbeat/complete and job creation (fast.py), in front of the stack above
+    app.fast = FastPath(
+        lambda scope, receive, send: FastAPI.__call__(app, scope, receive, send), state
+    )
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError):

@@ -1,13 +1,15 @@
 """The queue's hot routes without FastAPI's per-request machinery.
 
 A worker's claim, heartbeat and completion, and a job's creation, are most of the server's
-requests under load. For them, `FastPath` (plain ASGI, in front of the FastAPI routes) parses
-the JSON itself, takes the caller from the token cache, runs the same route code as the FastAPI
+requests under load. For them, `FastPath` (plain ASGI, called by `app._App` before any of
+FastAPI's own per-request work: its telemetry check and middleware stack) parses the JSON itself, takes the caller from the token cache, runs the same route code as the FastAPI
 routes (`routes/runs.py`, `routes/jobs.py`) with the store on the driver's own connection
 (`queries.RawDatabase`), and writes the answer with pydantic's serializer. Anything it does not
 fully recognise — another content type, a query string, a body its checks refuse, a token not in
 the cache, a body over 64 KiB — goes to the FastAPI route unchanged (the body replayed), so every
-error answer stays the route's own, and the OpenAPI schema still lists these routes.
+error answer stays the route's own, and the OpenAPI schema still lists these routes. What the
+stack's `RequestIdMiddleware` does (an `x-request-id` on every answer, a JSON 500 naming it) it
+does itself for the requests it answers.
 
 On SQLite a short write transaction runs on the event loop itself when the write lock is free
 (`wait=False`: no thread hop); when another connection holds the lock it runs in a thread that
@@ -17,8 +19,10 @@ waits for it. On PostgreSQL every transaction runs in a thread (the store code i
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -41,6 +45,7 @@ except ImportError:  # pragma: no cover - orjson is optional
 
     _loads = json.loads
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BODY = 64 << 10
 CLOCK_REFRESH_S = 1.0
@@ -127,7 +132,7 @@ def _number(body: dict, key: str, default: float, hi: float) -> float:
 
 
 class FastPath:
-    """ASGI middleware: `POST /v1/jobs`, `POST /v1/workers/{id}/claim`,
+    """ASGI app in front of the FastAPI stack (`app`): `POST /v1/jobs`, `POST /v1/workers/{id}/claim`,
     `POST /v1/runs/{id}/heartbeat` and `POST /v1/runs/{id}/complete`, answered without FastAPI
     when the request is well formed and its token is cached; every other request passes
     through untouched."""
@@ -158,7 +163,7 @@ class FastPath:
         if route is None or check is None or scope.get("query_string"):
             return await self.app(scope, receive, send)
 
-        p = auth = None
+        p = auth = rid = None
         json_body = False
         length = -1
         for name, value in scope["headers"]:
@@ -169,6 +174,8 @@ class FastPath:
                 json_body = value == _JSON or value.startswith(_JSON + b";")
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else MAX_BODY + 1
+            elif name == b"x-request-id" and rid is None:
+                rid = value
         if p is None or not json_body or length > MAX_BODY:
             return await self.app(scope, receive, send)
 
@@ -192,10 +199,28 @@ class FastPath:
             args = check(body)
         except (_Fallback, ValueError):  # the route answers it, with its own error if any
             return await self.app(scope, _replay(raw, receive), send)
+        # What `app.RequestIdMiddleware` does for the other routes: the caller's request id (or
+        # a new one) on the answer, and a JSON 500 naming it instead of a stack trace.
+        rid = rid or uuid.uuid4().hex[:16].encode()
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"].append((b"x-request-id", rid))
+            await send(message)
+
         try:
-            await route(ident, args, p, receive, send)
+            await route(ident, args, p, receive, send_with_id)
         except StoreError as e:
-            await _send_json(send, e.status_code, _error_json(e.type, e.message, e.param))
+            await _send_json(send_with_id, e.status_code, _error_json(e.type, e.message, e.param))
+        except Exception:
+            log.exception("unhandled error (request %s)", rid.decode("latin-1"))
+            if started:
+                raise
+            msg = f"Internal server error (request {rid.decode('latin-1')})."
+            await _send_json(send_with_id, 500, _error_json("server_error", msg, None))
 
     def _principal(self, header: bytes) -> Principal | None:
         scheme, _, secret = header.decode("latin-1").partition(" ")

@@ -392,7 +392,7 @@ class RawResult:
 
     __slots__ = ("_rows", "_names", "_maps", "rowcount")
 
-    def __init__(self, rows: list[tuple], names: tuple[str, ...] | None, rowcount: int) -> None:
+    def __init__(self, rows: list[Any], names: tuple[str, ...] | None, rowcount: int) -> None:
         self._rows = rows
         self._names = names
         self._maps = False
@@ -456,25 +456,35 @@ class RawConnection:
         many = isinstance(params, list)
         if raw.json_in:
             params = [_dump(p, raw.json_in) for p in params] if many else _dump(params, raw.json_in)
-        cur = self.dbapi.cursor()
+        if self._sqlite:  # sqlite3 makes the cursor itself (one Python call less a statement)
+            cur = (
+                self.dbapi.executemany(sql, params)
+                if many
+                else self.dbapi.execute(sql, params or {})
+            )
+        else:
+            cur = self.dbapi.cursor()
         try:
-            if many:
-                cur.executemany(sql, params)
-            else:
-                cur.execute(sql, params or {})
+            if not self._sqlite:
+                if many:
+                    cur.executemany(sql, params)
+                else:
+                    cur.execute(sql, params or {})
             self.statements += 1
             rows = cur.fetchall() if raw.names is not None else []
             rowcount = cur.rowcount
         finally:
             cur.close()
         if raw.json_out and self._sqlite and rows:  # PostgreSQL's driver decodes jsonb itself
-            rows = [
-                tuple(
-                    _json.loads(v) if i in raw.json_out and v is not None else v
-                    for i, v in enumerate(r)
-                )
-                for r in rows
-            ]
+            loads = _json.loads
+            decoded = []
+            for r in rows:
+                r = list(r)
+                for i in raw.json_out:
+                    if r[i] is not None:
+                        r[i] = loads(r[i])
+                decoded.append(r)
+            rows = decoded
         return RawResult(rows, raw.names, rowcount)
 
 
@@ -501,10 +511,16 @@ class RawDatabase:
     again, since nothing of it ran.
     """
 
+    #: SQLite: seconds between two checkpoints of the WAL by the background thread
+    CHECKPOINT_S = 0.25
+
     def __init__(self, url: str, own_pids: set[int] | None = None) -> None:
         self.dialect = url.split(":", 1)[0].split("+", 1)[0]
         self._lock = threading.Lock()
         self._all: list[Any] = []
+        self._closed = threading.Event()
+        self._commits = 0  # SQLite: commits since the last checkpoint
+        self._checkpointer: threading.Thread | None = None
         #: PostgreSQL: backend pids of this pool's open connections (the server's LISTEN
         #: thread skips their NOTIFYs: it has acted on them already, at their commit)
         self.own_pids = own_pids if own_pids is not None else set()
@@ -524,9 +540,36 @@ class RawDatabase:
         c.execute("PRAGMA synchronous=NORMAL")
         c.execute("PRAGMA foreign_keys=ON")
         c.execute(f"PRAGMA busy_timeout={busy_ms}")
+        # These connections never checkpoint at COMMIT (SQLite's default every 1000 WAL pages,
+        # with an fsync of the WAL and of the database file, in the request that happens to
+        # cross it): the background thread below does, off the request path. Same durability.
+        c.execute("PRAGMA wal_autocheckpoint=0")
         with self._lock:
             self._all.append(c)
+            if self._checkpointer is None:
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_loop, daemon=True, name="ow-wal-checkpoint"
+                )
+                self._checkpointer.start()
         return c
+
+    def _checkpoint_loop(self) -> None:
+        """SQLite: copy the WAL into the database every `CHECKPOINT_S` while there are commits.
+        PASSIVE never waits for readers or writers; the WAL restarts from its beginning once a
+        checkpoint has caught up."""
+        import sqlite3
+
+        c = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._closed.wait(self.CHECKPOINT_S):
+                if self._commits:
+                    self._commits = 0
+                    try:
+                        c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error:  # busy or locked: the next turn retries
+                        pass
+        finally:
+            c.close()
 
     def run(self, fn: Any, *, wait: bool = True, write: bool = True) -> Any:
         """`fn(conn)` in one transaction, committed when it returns; `write=False`: a read
@@ -553,6 +596,8 @@ class RawDatabase:
                 c.execute("ROLLBACK")
                 raise
             c.execute("COMMIT")
+            if write:
+                self._commits += 1
             return out
         import psycopg
 
@@ -606,6 +651,7 @@ class RawDatabase:
                 self._all.remove(c)
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             conns, self._all = self._all, []
             if self.dialect != "sqlite":

@@ -49,6 +49,8 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
+    # every completion revokes its run's token by run id: without it, a table scan per run
+    Index("ix_tokens_run", "run_id"),
 )
 
 secrets = Table(
