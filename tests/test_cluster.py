@@ -242,3 +242,117 @@ def test_manager_counts_other_idle_workers_and_booting_pods_as_capacity(server, 
     assert len(m.last_report.launched) == 1
     m.step(ClusterState.model_validate(state))
     assert m.last_report.launched == [] and len(p.list()) == 1
+
+
+def test_one_manager_lease_per_org_under_concurrent_managers(server):
+    """Eight managers of one org race for the lease at once (the row's insert race included):
+    exactly one holds it, renewals keep it, others take over only on release or expiry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = server.signup("lease-lab")
+    h = {"Authorization": f"Bearer {key}"}
+
+    def take(holder: str, ttl_s: float = 30) -> dict:
+        r = httpx.post(
+            f"{server.url}/v1/cluster/lease",
+            json={"holder": holder, "ttl_s": ttl_s},
+            headers=h,
+            trust_env=False,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(take, [f"m{i}" for i in range(8)]))
+    held = [g["holder"] for g in got if g["held"]]
+    assert len(held) == 1
+    (winner,) = held
+    assert all(g["holder"] == winner for g in got)  # the others are told who holds it
+    assert take(winner)["held"] and not take("m-late")["held"]
+    httpx.post(
+        f"{server.url}/v1/cluster/lease/release",
+        json={"holder": winner},
+        headers=h,
+        trust_env=False,
+    ).raise_for_status()
+    assert take("m-next", ttl_s=1)["held"]  # at once after a release
+    assert not take(winner)["held"]
+    wait_until(lambda: take("m-after-expiry")["held"], 10, "the lapsed lease to be taken")
+    # another org's lease is its own
+    other = {"Authorization": f"Bearer {server.signup('lease-lab-2')}"}
+    r = httpx.post(
+        f"{server.url}/v1/cluster/lease", json={"holder": "m0"}, headers=other, trust_env=False
+    )
+    assert r.json()["held"]
+
+
+class _Pods:
+    """A provider listing fixed pods (the manager's idle policy, without starting any)."""
+
+    name = "stub"
+    runs_images = True
+
+    def __init__(self, pods):
+        self.pods = {p.id: p for p in pods}
+        self.terminated: list[str] = []
+
+    def offers(self):
+        return None
+
+    def list(self):
+        return list(self.pods.values())
+
+    def terminate(self, pod_id):
+        self.terminated.append(pod_id)
+        self.pods.pop(pod_id, None)
+
+    def logs(self, pod_id, *, tail_bytes=65536):
+        return ""
+
+    def launch(self, spec):
+        raise NoCapacity("the stub starts nothing")
+
+    def status(self, pod_id):
+        return self.pods.get(pod_id)
+
+
+def test_manager_keeps_the_idle_worker_with_the_jobs_model_cached(server, api_key):
+    from openweights.cluster.providers.base import Pod
+    from openweights.types.cluster import ClusterState
+
+    m = ClusterManager(
+        url=server.url, api_key=api_key, provider=_Pods([]), config=ManagerConfig(idle_s=60)
+    )
+    now = time.time()
+    pods = [
+        Pod(f"p-{x}", f"{m.prefix}1-{x}", "running", "1x A100", 1.39, created_at=now - 900)
+        for x in ("cold", "warm")
+    ]
+    m.provider = _Pods(pods)
+
+    def worker(x: str, cached: list[str]) -> dict:
+        return {
+            "id": f"worker-{x}",
+            "name": f"{m.prefix}1-{x}",
+            "status": "active",
+            "hardware_type": "1x A100",
+            "vram_gb": 80,
+            "cached_models": cached,
+            "provider": "stub",
+            "last_seen_at": now,
+            "created_at": now - 800,
+            "idle_since": now - 600,  # both idle past idle_s
+        }
+
+    job = {"id": "job-m", "requires_vram_gb": 40, "model": "org/big-model", "queued_at": now}
+    state = {
+        "version": "v",
+        "now": now,
+        "pending": [job],
+        "pending_total": 1,
+        "workers": [worker("cold", []), worker("warm", ["org/big-model"])],
+    }
+    m.step(ClusterState.model_validate(state))
+    # the cold one is stopped; the warm one stays for the job (the server's claim prefers it too)
+    assert m.provider.terminated == ["p-cold"]
+    assert m.last_report.launched == []
