@@ -609,3 +609,19 @@ def test_gpu_fine_tune_trains_with_each_engine_and_reports_it(
     import json
 
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+
+
+def test_a_base_stored_quantized_is_not_merged(tiny_model, tmp_path):
+    """merge_before_push on a `...-bnb-4bit` base would save 4-bit weights: the adapter is kept."""
+    import json
+    import shutil
+
+    from openweights.jobs.fine_tuning.entry import _prequantized
+
+    quantized = tmp_path / "bnb-4bit"
+    shutil.copytree(tiny_model, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert not _prequantized(str(tiny_model))
+    assert _prequantized(str(quantized))

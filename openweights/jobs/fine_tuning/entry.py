@@ -465,6 +465,16 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
         "global_step": result.global_step,
     }
     merged = cfg.is_peft and cfg.merge_before_push
+    if merged and _prequantized(source.base):
+        merged = False
+        events.log(
+            {
+                "type": "warning",
+                "message": "merge_before_push skipped: the base model is stored quantized, so a "
+                "merged copy would be too; the result is the LoRA adapter",
+            },
+            now=True,
+        )
     final = trainer.model
     if cfg.is_peft:
         if continue_adapter and hasattr(final, "peft_config") and "ref" in final.peft_config:
@@ -489,22 +499,24 @@ def train(cfg: TrainingConfig, ow: Any, events: EventBatcher, *, weighted: bool 
     return out
 
 
+def _prequantized(base: str) -> bool:
+    """A base stored quantized (e.g. `unsloth/...-bnb-4bit`): its config carries the scheme."""
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None
+    except Exception:  # unreadable config: the merge itself will say what is wrong
+        return False
+
+
 def _merged(model: Any, engine: Any, source: Any, adapter_dir: Path, dtype: Any) -> Any:
     """The full model with the trained adapter merged in. A 4-bit or unsloth-patched model is
     not merged in place (that would save rounded 4-bit weights, or unsloth's modules): the
     saved adapter goes onto a fresh copy of the base in `dtype`, on the CPU."""
     if engine.name == "transformers" and not engine.load_in_4bit:
         return model.merge_and_unload()
-    import gc
-
-    import torch
-
     from openweights.jobs.model_source import LocalModel, load_model
 
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     fresh, _ = load_model(
         LocalModel(name=source.name, base=source.base, adapter=str(adapter_dir)),
         dtype=dtype,
