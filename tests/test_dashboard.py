@@ -482,14 +482,23 @@ def test_dashboard_queries_run_on_each_backend(db):
             lock=False,
         )
         job = q.list_jobs(conn, org, limit=1)[0][0]
+        conn.execute(
+            insert(s.workers).values(
+                id="worker-priced", org_id=org, name="pod", status="active", hardware={},
+                hardware_type="2x A100", vram_gb=160.0, any_hardware=False, cached_models=[],
+                provider="runpod", last_seen_at=now, created_at=now,
+            )
+        )  # fmt: skip
         run_id = conn.execute(
             insert(s.runs)
             .values(
                 org_id=org,
                 job_pk=job["pk"],
+                worker_id="worker-priced",
                 attempt=1,
                 status="completed",
                 started_at=now,
+                finished_at=now + 1800,
                 log_size=0,
             )
             .returning(s.runs.c.id)
@@ -568,6 +577,11 @@ def test_dashboard_queries_run_on_each_backend(db):
         groups = dq.pending_groups(conn, org)
         assert len(groups) == 1 and groups[0]["n"] == 5 and groups[0]["requires_vram_gb"] == 8
         assert dq.count_events(conn, other, job["pk"]) == 0
+        spent = dq.spend(conn, org, lambda hw: 4.0 if hw == "2x A100" else 0.0, now=now)
+        assert spent["total"] == pytest.approx(2.0) and spent["runs"] == 1
+        assert spent["days"] == [(int(now // 86400), pytest.approx(2.0))]
+        assert spent["jobs"] == [(job["id"], pytest.approx(2.0), pytest.approx(0.5), "2x A100")]
+        assert dq.spend(conn, other, lambda hw: 4.0, now=now)["total"] == 0.0
 
 
 def test_user_content_is_escaped_not_run(server, browser, ow, api_key, tmp_path):

@@ -94,6 +94,23 @@ def heat(logp: float, lo: float, hi: float) -> str:
     return f"hsl({t * 120:.0f},70%,80%)"
 
 
+def hardware(worker: dict) -> str:
+    """A worker's hardware in one line; fields a provider did not report are left out."""
+    hw = worker.get("hardware") if isinstance(worker.get("hardware"), dict) else {}
+    parts = [str(worker.get("hardware_type") or "?")]
+    if hw.get("gpu_type"):
+        parts.append(f"{hw.get('gpu_count') or 1}× {hw['gpu_type']}")
+    if isinstance(worker.get("vram_gb"), int | float):
+        parts.append(f"{worker['vram_gb']:g} GB VRAM")
+    if isinstance(hw.get("cpu_count"), int | float):
+        parts.append(f"{hw['cpu_count']:g} CPU")
+    if isinstance(hw.get("memory_gb"), int | float):
+        parts.append(f"{hw['memory_gb']:.1f} GB RAM")
+    if worker.get("any_hardware"):
+        parts.append("takes any job")
+    return " · ".join(parts)
+
+
 FILTERS = {
     "ts": ts,
     "ago": ago,
@@ -103,6 +120,7 @@ FILTERS = {
     "compact": compact,
     "content_text": content_text,
     "short": short,
+    "hardware": hardware,
 }
 
 

@@ -7,6 +7,7 @@ ids are simply not found (404), as in the API.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -355,6 +356,7 @@ def _job_context(conn, state, org_id: str, job_id: str) -> dict:
     return {"job": job, "pending_reason": reason, "runs": runs, "workers": workers}
 
 
+@functools.lru_cache(maxsize=256)  # a handful of hardware types; asked once per run
 def _price_of(hardware_type: str) -> float:
     from openweights.cluster.catalog import DEFAULT_CATALOG
 
@@ -1083,30 +1085,17 @@ async def playground_chat(request: Request, session: Session = Depends(current))
 
 @router.get("/cost")
 async def cost_page(request: Request, session: Session = Depends(current)):
-    """Spend per job, per day and in total; the queue against live capacity."""
-    from openweights.store import cluster as cq
-
+    """Spend per job, per day and in total (summed in SQL); the queue against live capacity."""
     state = request.app.state.ow
     org = session.org_id
 
     def work(conn):
         now = state.db.now(conn)
-        runs = cq.run_costs(conn, org, _price_of, now=now)
+        spent = dq.spend(conn, org, _price_of, now=now, top=200)
         workers = q.list_workers(conn, org)
-        return runs, workers, dq.pending_groups(conn, org), now
+        return spent, workers, dq.pending_groups(conn, org), now
 
-    runs, workers, groups, now = await db(request, _read(request, work))
-    by_job: dict[str, float] = {}
-    hours: dict[str, float] = {}
-    hardware: dict[str, set] = {}
-    by_day: dict[str, float] = {}
-    for r in runs:
-        by_job[r["job_id"]] = by_job.get(r["job_id"], 0.0) + r["cost_usd"]
-        end = r["finished_at"] if r["finished_at"] is not None else now
-        hours[r["job_id"]] = hours.get(r["job_id"], 0.0) + max(0.0, end - r["started_at"]) / 3600
-        hardware.setdefault(r["job_id"], set()).add(r["hardware_type"] or "?")
-        day = _render.ts(r["started_at"])[:10]
-        by_day[day] = by_day.get(day, 0.0) + r["cost_usd"]
+    spent, workers, groups, now = await db(request, _read(request, work))
     live = [
         w
         for w in workers
@@ -1120,16 +1109,13 @@ async def cost_page(request: Request, session: Session = Depends(current)):
         request,
         "cost.html",
         session,
-        total=sum(by_job.values()),
-        by_job=[
-            (j, usd, hours[j], ", ".join(sorted(hardware[j])))
-            for j, usd in sorted(by_job.items(), key=lambda kv: (-kv[1], -hours[kv[0]]))[:200]
-        ],
-        n_jobs=len(by_job),
-        by_day=sorted(by_day.items(), reverse=True),
+        total=spent["total"],
+        by_job=spent["jobs"],
+        n_jobs=spent["n_jobs"],
+        by_day=[(_render.ts(d * 86400.0)[:10], v) for d, v in spent["days"]],
         groups=groups,
         live=live,
-        runs=len(runs),
+        runs=spent["runs"],
         now=now,
     )
 
