@@ -235,36 +235,42 @@ def _pool_size() -> int:
 
 
 class _WorkerPool:
-    """Local worker processes, restarted if they die, stopped (gracefully) with the service."""
+    """Local worker processes, restarted if they die, stopped (gracefully) with the service.
+
+    They are pods of the cluster's `local` provider (`openweights.cluster.providers.local`),
+    named `ow-local-<i>`, with records and logs under `$OPENWEIGHTS_HOME/pool/`."""
 
     def __init__(self, url: str, token: str, size: int, home: Path) -> None:
+        from openweights.cluster.providers.local import LocalProvider
+        from openweights.types import Hardware
+
         self.url, self.token, self.size, self.home = url, token, size, home
         self.procs: list[subprocess.Popen | None] = [None] * size
         self._stop = threading.Event()
+        base = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHTS_API_KEY",)}
+        # each worker takes every job (--any-hardware): the probe's shape only names the offer
+        self.provider = LocalProvider(
+            home / "pool", hardware=Hardware(), max_pods=size, base_env=base, own_session=False
+        )
 
     def _spawn(self, i: int) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHTS_API_KEY",)}
+        from openweights.cluster.providers.base import PodSpec
+        from openweights.cluster.providers.local import local_offer
+
+        env = {
+            "OPENWEIGHTS_URL": self.url,
+            "OPENWEIGHTS_API_KEY": self.token,
+            "OW_ANY_HARDWARE": "1",
+        }
         if self.size > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
-        log = open(self.home / "logs" / f"worker-{i}.log", "ab")
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "openweights.worker",
-                "--url",
-                self.url,
-                "--token",
-                self.token,
-                "--name",
-                f"local-{i}",
-                "--any-hardware",
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        name = f"ow-local-{i}"
+        self.provider.terminate(name)  # one left by a service that was killed: it is stale
+        offer = local_offer(self.provider.hardware)
+        self.provider.launch(PodSpec(name=name, image="", offer=offer, env=env))
+        proc = self.provider.process(name)
+        assert proc is not None
+        return proc
 
     def run(self) -> None:
         """One supervising thread per slot, each blocked on its process until it exits."""
@@ -306,6 +312,8 @@ class _WorkerPool:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for i in range(self.size):
+            self.provider.terminate(f"ow-local-{i}")  # exited by now: drops its record
 
 
 def run_service(settings: Settings | None = None) -> None:

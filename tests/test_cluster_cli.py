@@ -220,3 +220,31 @@ def test_cluster_once_reports_what_it_did_and_why_jobs_wait(server, tmp_path):
     finally:
         r = ow("cluster", "--provider", "local", "--terminate-pods", env=env)
         assert r.returncode == 0 and pod_records(tmp_path / "home") == []
+
+
+def test_embedded_service_pool_runs_its_workers_as_local_provider_pods(tmp_path):
+    """The embedded default's worker pool is the `local` provider's: `ow-local-0`, a record
+    under $OPENWEIGHTS_HOME/pool, gone with its process when the service stops."""
+    home = tmp_path / "home"
+    env = base_env(home)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    script = (
+        "from openweights import OpenWeights; ow = OpenWeights(); "
+        "j = ow.jobs.create(type='custom', script='echo pooled'); j = ow.jobs.wait(j.id); "
+        "w = [x for x in ow.workers.list() if x.id == j.worker_id][0]; "
+        "print(j.status, w.name, w.provider)"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.split() == ["completed", "ow-local-0", "local"]
+        record = json.loads((home / "pool" / "ow-local-0.json").read_text())
+        assert os.path.exists(f"/proc/{record['pid']}")
+    finally:
+        ow("service", "stop", env=env, timeout=90)
+    assert not (home / "pool" / "ow-local-0.json").exists()
+    assert not os.path.exists(f"/proc/{record['pid']}") or (
+        open(f"/proc/{record['pid']}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    )

@@ -44,6 +44,9 @@ _NEVER_INHERITED = (
 )
 
 
+_HAS_PROC = Path("/proc/self/stat").exists()
+
+
 def local_offer(hardware: Hardware) -> Offer:
     """This machine as an offer (price 0: it is already paid for)."""
     if not hardware.gpu_count:
@@ -57,7 +60,16 @@ def local_offer(hardware: Hardware) -> Offer:
 
 
 def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a recycled pid apart."""
+    """Field 22 of /proc/PID/stat (start time in clock ticks): tells a recycled pid apart.
+    Without /proc (macOS), "?" for a live pid: a recycled one is not told apart there."""
+    if not _HAS_PROC:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "?"
+        return "?"
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -84,6 +96,7 @@ class LocalProvider:
         stop_grace_s: float = 15.0,
         base_env: dict[str, str] | None = None,
         exclude: Sequence[str] = (),
+        own_session: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +116,9 @@ class LocalProvider:
             drop = set(_NEVER_INHERITED) | set(exclude)
             base_env = {k: v for k, v in os.environ.items() if k not in drop}
         self.base_env = base_env
+        # own_session: a worker outlives its manager (adopted by the next one). The embedded
+        # service's pool passes False: its workers stop with the service's process group.
+        self.own_session = own_session
         self._children: dict[str, subprocess.Popen] = {}
 
     # -- Provider -------------------------------------------------------------------------------
@@ -137,7 +153,7 @@ class LocalProvider:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     cwd=self.state_dir,
-                    start_new_session=True,  # its own process group: terminate reaches its jobs
+                    start_new_session=self.own_session,  # terminate reaches its jobs too
                 )
         except OSError as e:
             raise ProviderError(f"cannot start a local worker: {e}") from e
@@ -156,6 +172,10 @@ class LocalProvider:
         tmp.replace(self.state_dir / f"{spec.name}.json")
         logger.info("started local worker %s (pid %d)", spec.name, proc.pid)
         return self._pod(record)
+
+    def process(self, pod_id: str) -> subprocess.Popen | None:
+        """The process of a worker this provider object started (to wait on it)."""
+        return self._children.get(pod_id)
 
     def status(self, pod_id: str) -> Pod | None:
         record = self._record(pod_id)
@@ -224,10 +244,12 @@ class LocalProvider:
         self._reap(record["id"])
         return record.get("start") is not None and _start_time(record["pid"]) == record["start"]
 
-    @staticmethod
-    def _signal(pid: int, sig: int) -> None:
+    def _signal(self, pid: int, sig: int) -> None:
         try:
-            os.killpg(pid, sig)
+            if self.own_session:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
