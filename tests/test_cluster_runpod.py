@@ -437,3 +437,54 @@ def test_cluster_resource_has_sync_and_async_twins():
     for n in names:
         assert inspect.iscoroutinefunction(getattr(AsyncCluster, n))
         assert inspect.signature(getattr(Cluster, n)) == inspect.signature(getattr(AsyncCluster, n))
+
+
+def test_silent_worker_pod_is_terminated_and_its_job_runs_on_a_new_pod(
+    server, api_key, double, managers, tmp_path
+):
+    """A pod that is up but whose worker stopped heartbeating (frozen): replaced."""
+    import os
+    import signal
+
+    managers.start(server, api_key, provider(double), idle_s=1.0, heartbeat_timeout_s=4.0)
+    marker = tmp_path / "first-attempt"
+    script = f"if [ -f {marker} ]; then echo second; else touch {marker}; sleep 120; fi"
+    job = submit(server, api_key, script, allowed_hardware=["1x A40"])
+    wait_until(lambda: marker.exists(), 90, "the first attempt to start")
+    frozen = double.created[0]
+    os.killpg(frozen.proc.pid, signal.SIGSTOP)  # the pod stays up; its worker says nothing
+    done = wait_until(
+        lambda: (j := status(server, api_key, job["id"]))["status"] == "completed" and j,
+        90,
+        "the job to complete on another pod",
+    )
+    assert done["attempts"] == 2 and len(double.created) == 2
+    runs = get(server, api_key, f"/v1/jobs/{job['id']}/runs")["data"]
+    assert [r["status"] for r in runs] == ["lost", "completed"]
+    assert frozen.desired == "TERMINATED"
+    wait_until(lambda: double.running() == [], 60, "no pod left")
+    assert "sent no heartbeat" in pods_of(server, api_key)[frozen.id]["termination_reason"]
+
+
+def test_docker_image_of_a_job_selects_its_pods_image(server, api_key, double, managers):
+    managers.start(server, api_key, provider(double), idle_s=1.0)
+    first = submit(
+        server, api_key, "echo custom", allowed_hardware=["1x A40"], docker_image="me/a:1"
+    )
+    done = wait_until(
+        lambda: (j := status(server, api_key, first["id"]))["status"] == "completed" and j, 90, "a"
+    )
+    # a job of another image is not taken by that worker: it gets a pod of its own image
+    second = submit(
+        server, api_key, "echo other", allowed_hardware=["1x A40"], docker_image="me/b:2"
+    )
+    done2 = wait_until(
+        lambda: (j := status(server, api_key, second["id"]))["status"] == "completed" and j, 90, "b"
+    )
+    assert [p.image for p in double.created] == ["me/a:1", "me/b:2"]
+    assert [p.env["OW_DOCKER_IMAGE"] for p in double.created] == ["me/a:1", "me/b:2"]
+    workers = {w["id"]: w for w in get(server, api_key, "/v1/workers")["data"]}
+    assert workers[done["worker_id"]]["docker_image"] == "me/a:1"
+    assert workers[done2["worker_id"]]["docker_image"] == "me/b:2"
+    wait_until(lambda: double.running() == [], 60, "no pod left")
+    assert {r["image"] for r in pods_of(server, api_key).values()} == {"me/a:1", "me/b:2"}
