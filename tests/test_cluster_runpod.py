@@ -488,3 +488,27 @@ def test_docker_image_of_a_job_selects_its_pods_image(server, api_key, double, m
     assert workers[done2["worker_id"]]["docker_image"] == "me/b:2"
     wait_until(lambda: double.running() == [], 60, "no pod left")
     assert {r["image"] for r in pods_of(server, api_key).values()} == {"me/a:1", "me/b:2"}
+
+
+def test_job_whose_pod_dies_on_its_last_attempt_fails_with_the_reason(
+    server, api_key, double, managers, tmp_path
+):
+    managers.start(server, api_key, provider(double), idle_s=1.0)
+    marker = tmp_path / "started"
+    job = submit(
+        server,
+        api_key,
+        f"touch {marker}; sleep 120",
+        allowed_hardware=["1x A40"],
+        max_attempts=1,
+    )
+    wait_until(lambda: marker.exists(), 90, "the job to start")
+    double.crash(double.created[0].id)
+    failed = wait_until(
+        lambda: (j := status(server, api_key, job["id"]))["status"] == "failed" and j,
+        60,
+        "the job to fail",
+    )
+    assert "stopped (exited)" in failed["error"] and failed["attempts"] == 1
+    assert len(double.created) == 1  # not retried on another pod: it had no attempt left
+    wait_until(lambda: double.running() == [], 30, "no pod left")
