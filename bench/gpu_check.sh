@@ -15,17 +15,18 @@
 #   5. vLLM tokens/s without and with LoRA (bench/bench_gpu.py vllm)
 # Everything lands in $OUT: one JSON per step, its log, steps.jsonl, and gpu_check.json (all).
 # WHEELHOUSE=dir: `pip install --no-index` the wheels in it first (carried in; no network).
-# STEPS="probe models pytest train vllm": run only some.
+# STEPS="probe models pytest train vllm": run only some (train and vllm need models; WORK=dir
+# (default /tmp/gpu_check_work) keeps the models between calls on a warm machine).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/gpu_check_out}
 BUDGET_S=${BUDGET_S:-420}
 STEPS=${STEPS:-probe models pytest train vllm}
-PY=${PYTHON:-python}
-mkdir -p "$OUT"
+PY=${PYTHON:-$(command -v python || command -v python3)}
 DEADLINE=$(($(date +%s) + BUDGET_S))
-WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+WORK=${WORK:-/tmp/gpu_check_work}
+mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
