@@ -625,3 +625,37 @@ def test_a_base_stored_quantized_is_not_merged(tiny_model, tmp_path):
     (quantized / "config.json").write_text(json.dumps(config))
     assert not _prequantized(str(tiny_model))
     assert _prequantized(str(quantized))
+
+
+def test_sampling_switches_an_unsloth_model_to_inference_and_back(tiny_model, monkeypatch):
+    """unsloth's documented toggles around generation (a stand-in `unsloth` module on CPU)."""
+    import sys
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openweights.jobs.fine_tuning.callbacks import generate
+
+    calls: list[str] = []
+
+    class FastLanguageModel:
+        @staticmethod
+        def for_inference(model):
+            calls.append("for_inference")
+
+        @staticmethod
+        def for_training(model):
+            calls.append("for_training")
+
+    monkeypatch.setitem(
+        sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    chats = [[{"role": "user", "content": "apple river"}]]
+    model.train()
+    assert len(generate(model, tok, chats, max_tokens=3)) == 1
+    assert calls == [] and model.training  # not an unsloth model: untouched
+    model.config.unsloth_version = "test"
+    assert len(generate(model, tok, chats, max_tokens=3)) == 1
+    assert calls == ["for_inference", "for_training"] and model.training

@@ -243,6 +243,10 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
+    # a model unsloth patched for training generates in its inference mode, then goes back
+    fast = _unsloth_model(model)
+    if fast is not None:
+        fast.for_inference(model)
     model.eval()
     out: list[str] = []
     try:
@@ -269,6 +273,18 @@ def generate(
             )
     finally:
         tokenizer.padding_side = side
+        if fast is not None and was_training:
+            fast.for_training(model)
         if was_training:
             model.train()
     return out
+
+
+def _unsloth_model(model: Any) -> Any:
+    """unsloth's `FastLanguageModel` when `model` is one it loaded (TRL tells them apart by
+    `config.unsloth_version` too), else None; never imports unsloth for other models."""
+    if not hasattr(getattr(model, "config", None), "unsloth_version"):
+        return None
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel
