@@ -357,15 +357,32 @@ def test_settings_tokens_shown_once_and_revoked_secrets_write_only(server, brows
     page.context.close()
 
 
+UNNAMED_CONTROLS = """() => Array.from(document.querySelectorAll(
+        'input:not([type=hidden]), select, button, textarea'))
+    .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                  && !el.textContent.trim()).map(el => el.outerHTML)"""
+OVERFLOW = """() => document.documentElement.scrollWidth - document.documentElement.clientWidth"""
+
+
+def check_page(page, name: str) -> None:
+    """Every control has an accessible name and the page does not scroll sideways (wide tables
+    scroll inside their card); with OPENWEIGHTS_TEST_SHOTS=dir, a full-page screenshot too."""
+    assert page.evaluate(UNNAMED_CONTROLS) == [], name
+    assert page.evaluate(OVERFLOW) <= 0, f"{name} overflows sideways"
+    shots = os.environ.get("OPENWEIGHTS_TEST_SHOTS")
+    if shots:
+        w = page.viewport_size["width"]
+        page.screenshot(path=str(Path(shots) / f"{name}-{w}.png"), full_page=True)
+
+
 def test_pages_have_labels_and_work_with_the_keyboard(server, browser, api_key):
     page = login(browser, server, api_key, "/dashboard/jobs")
-    # every form control has an accessible name
-    unnamed = page.evaluate(
-        """() => Array.from(document.querySelectorAll('input:not([type=hidden]), select, button'))
-             .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
-                           && !el.textContent.trim()).map(el => el.outerHTML)"""
-    )
-    assert unnamed == []
+    page.set_viewport_size({"width": 1280, "height": 720})
+    for name in ("jobs", "files", "models", "deployments", "playground", "workers", "cost",
+                 "settings"):  # fmt: skip
+        page.goto(f"{server.url}/dashboard/{name}")
+        check_page(page, name)
+    page.goto(f"{server.url}/dashboard/jobs")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")

@@ -7,7 +7,7 @@ import pytest
 
 from openweights.testing import make_tiny_model
 from tests.conftest import wait_until
-from tests.test_dashboard import launch_chromium, login, serve_sqlite
+from tests.test_dashboard import check_page, launch_chromium, login, serve_sqlite
 from tests.test_e2e import worker_token
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -40,10 +40,11 @@ def test_chat_with_a_deployment_in_the_playground_and_stop_it(
     page.select_option(".pg-model >> nth=1", tiny)  # a second pane, side by side
     assert page.locator(".pane").count() == 2
     page.fill("#pg-input", "apple river")
-    page.click("text=Send")
+    page.press("#pg-input", "Enter")  # the keyboard sends, as in any chat
     page.wait_for_function("document.querySelectorAll('.pane .answer').length === 2")
     assert page.locator(".pane .msg.user").count() == 2
     assert page.locator(".pane .msg.error").count() == 0
+    check_page(page, "playground-two-panes")
 
     page.goto(f"{server.url}/dashboard/deployments")
     page.locator(f'#deployments tr[data-job="{job_id}"]').get_by_role("button", name="Stop").click()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, base_env, wait_until
-from tests.test_dashboard import launch_chromium, login, serve_sqlite
+from tests.test_dashboard import check_page, launch_chromium, login, serve_sqlite
 from tests.test_e2e import worker_token
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -116,6 +116,10 @@ def test_job_pages_follow_a_running_job_live(server, browser, ow, api_key, start
         "#smoothing", "el => { el.value = '0.5'; el.dispatchEvent(new Event('input')); }"
     )
     assert plots.inner_text("#smoothing-value") == "0.5"
+    assert "smooth=0.5" in plots.url and "log=1" in plots.url  # a link keeps the view
+    plots.reload()
+    plots.wait_for_selector('#plots[data-ready="1"]', state="attached")
+    assert plots.is_checked("#logscale") and plots.input_value("#smoothing") == "0.5"
     assert plots.locator("figure.plot").count() == 3  # learning_rate, logp, loss
 
     page.fill("#log-search", "second")
@@ -152,6 +156,8 @@ def test_job_pages_follow_a_running_job_live(server, browser, ow, api_key, start
     page.goto(f"{server.url}/dashboard/jobs/{job.id}")
     runs = page.inner_text("#runs")
     assert "dash-worker" in runs and "cpu" in runs and "completed" in runs
+    outputs = page.inner_text("#outputs")  # the last value of each event field
+    assert "loss" in outputs and "learning_rate" in outputs
     history = page.inner_text("#history")
     assert "created" in history and "started" in history and "job completed" in history
     snippet = page.inner_text("#snippet")
@@ -214,6 +220,7 @@ def test_compare_overlays_metrics_and_diffs_params(
     page.wait_for_selector('#plots[data-ready="1"]', state="attached")
     series = json.loads(page.get_attribute('figure[data-metric="loss"]', "data-series"))
     assert sorted(series) == sorted(f"{j.id} loss" for j in jobs)
+    check_page(page, "compare")
     diff = page.locator("#params-diff tbody tr.differs")
     assert diff.count() == 1 and "lr" in diff.inner_text()
     assert not page.locator("#params-diff tr.same").first.is_visible()
@@ -227,6 +234,7 @@ def test_compare_overlays_metrics_and_diffs_params(
     ).click()
     runs = page.inner_text("#worker-runs")
     assert all(j.id in runs for j in jobs)
+    check_page(page, "worker")
     page.click("#shutdown-worker")
     page.wait_for_url("**/dashboard/workers")
     assert "shutdown" in page.inner_text('#workers tbody tr:has-text("cmp-worker")')

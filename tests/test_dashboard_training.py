@@ -8,7 +8,7 @@ import json
 import pytest
 
 from openweights.testing import conversations_rows, make_tiny_model, write_jsonl
-from tests.test_dashboard import launch_chromium, login, serve_sqlite
+from tests.test_dashboard import check_page, launch_chromium, login, serve_sqlite
 from tests.test_e2e import worker_token
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -52,7 +52,7 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
         lora_alpha=8,
         warmup_steps=0,
         max_seq_length=128,
-        save_steps=1000,
+        save_steps=3,
         merge_before_push=False,
         eval_every_n_steps=3,
         logp_callback_datasets={"probe": probe},
@@ -81,7 +81,8 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
 
     page.goto(f"{server.url}/dashboard/models")
     row = page.locator("#models tbody tr", has_text=job.id)
-    assert row.count() == 1 and str(model) in row.inner_text()
+    assert row.count() == 1 and str(model) in row.inner_text()  # base model, source job
+    assert "checkpoint-3" in row.inner_text() and f"checkpoint-{steps}" in row.inner_text()
 
     page.goto(f"{server.url}/dashboard/jobs/{job.id}/heatmap?dataset=probe&row=1")
     steps_shown = [
@@ -97,4 +98,17 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
     heads = page.locator("#samples thead th").all_inner_texts()
     assert any(f"step {steps}" in h for h in heads)
     assert page.locator("#samples tbody tr").count() == 3
+
+    # every page of a real fine-tune at a laptop width: labelled controls, no sideways scroll
+    page.set_viewport_size({"width": 1280, "height": 720})
+    for tab in ("", "/logs", "/events", "/plots", "/samples", "/heatmap"):
+        page.goto(f"{server.url}/dashboard/jobs/{job.id}{tab}")
+        if tab == "/plots":
+            page.wait_for_selector('#plots[data-ready="1"]', state="attached")
+        check_page(page, "job" + tab.replace("/", "-"))
+    for fid, name in ((train, "file-chat"), (probe, "file-probe")):
+        page.goto(f"{server.url}/dashboard/files/{fid}")
+        check_page(page, name)
+    page.goto(f"{server.url}/dashboard/models")
+    check_page(page, "models")
     page.context.close()

@@ -103,8 +103,18 @@
       this.log = false;
       this.skip = [];   // metrics shown in the one-value table instead of a chart
       const s = $("#smoothing"), out = $("#smoothing-value"), lg = $("#logscale");
-      if (s) s.addEventListener("input", () => { this.smooth = +s.value; out.value = s.value; this.redrawAll(); });
-      if (lg) lg.addEventListener("change", () => { this.log = lg.checked; this.rebuildAll(); });
+      // the view's settings live in the URL's fragment, so a link shows the same charts
+      const view = new URLSearchParams(location.hash.slice(1));
+      const keep = () => {
+        const v = new URLSearchParams();
+        if (this.smooth) v.set("smooth", String(this.smooth));
+        if (this.log) v.set("log", "1");
+        history.replaceState(null, "", location.pathname + location.search + (v.toString() ? "#" + v : ""));
+      };
+      if (s && view.get("smooth")) { s.value = view.get("smooth"); this.smooth = +s.value; out.value = s.value; }
+      if (lg && view.get("log") === "1") { lg.checked = true; this.log = true; }
+      if (s) s.addEventListener("input", () => { this.smooth = +s.value; out.value = s.value; this.redrawAll(); keep(); });
+      if (lg) lg.addEventListener("change", () => { this.log = lg.checked; this.rebuildAll(); keep(); });
       window.addEventListener("resize", () => { for (const m in this.charts) this.charts[m].u.setSize(this.size(this.charts[m].box)); });
     }
     size(box) { return { width: Math.max(240, (box ? box.clientWidth : this.root.clientWidth) - 18), height: 220 }; }
@@ -308,6 +318,9 @@
       pane.querySelector(".pane-log").appendChild(d);
       return d;
     };
+    input.addEventListener("keydown", (e) => {  // Enter sends, Shift+Enter is a new line
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); form.requestSubmit(); }
+    });
     form.querySelectorAll(".pg-model").forEach((s) => s.addEventListener("change", layout));
     $("#pg-clear").addEventListener("click", layout);
     layout();
