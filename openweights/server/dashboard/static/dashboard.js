@@ -86,7 +86,10 @@
     if (v == null) return "";
     const a = Math.abs(v);
     if (a !== 0 && (a >= 1e5 || a < 1e-4)) return v.toExponential(a >= 1e5 ? 2 : 1).replace("e+", "e");
-    const dec = incr > 0 ? Math.min(8, Math.max(0, Math.ceil(-Math.log10(incr) - 1e-9))) : 2;
+    // as many decimals as the tick spacing has (0.25 → 2, 0.0005 → 4), so no two ticks read alike
+    let dec = 0;
+    if (incr > 0) while (dec < 8 && Math.abs(Math.round(incr * 10 ** dec) - incr * 10 ** dec) > 1e-6) dec++;
+    else dec = 2;
     return v.toFixed(dec);
   }
   const yAxis = {
