@@ -444,6 +444,8 @@ class RawConnection:
         self.statements = 0
         #: NOTIFYs of this transaction: they take effect at COMMIT, so they are sent with it
         self.deferred: list[tuple[str, Any]] = []
+        #: PostgreSQL: statements that return no rows, not sent yet (`_postgresql`)
+        self.pending: list[tuple[str, Any]] = []
 
     def execute(self, stmt: Any, params: Any = None) -> RawResult:
         raw = RAW.get(id(stmt))
@@ -456,26 +458,17 @@ class RawConnection:
         many = isinstance(params, list)
         if raw.json_in:
             params = [_dump(p, raw.json_in) for p in params] if many else _dump(params, raw.json_in)
-        if self._sqlite:  # sqlite3 makes the cursor itself (one Python call less a statement)
-            cur = (
-                self.dbapi.executemany(sql, params)
-                if many
-                else self.dbapi.execute(sql, params or {})
-            )
-        else:
-            cur = self.dbapi.cursor()
+        if not self._sqlite:
+            return self._postgresql(sql, params or {}, raw.names, many)
+        # sqlite3 makes the cursor itself (one Python call less a statement)
+        cur = self.dbapi.executemany(sql, params) if many else self.dbapi.execute(sql, params or {})
         try:
-            if not self._sqlite:
-                if many:
-                    cur.executemany(sql, params)
-                else:
-                    cur.execute(sql, params or {})
             self.statements += 1
             rows = cur.fetchall() if raw.names is not None else []
             rowcount = cur.rowcount
         finally:
             cur.close()
-        if raw.json_out and self._sqlite and rows:  # PostgreSQL's driver decodes jsonb itself
+        if raw.json_out and rows:  # PostgreSQL's driver decodes jsonb itself
             loads = _json.loads
             decoded = []
             for r in rows:
@@ -486,6 +479,43 @@ class RawConnection:
                 decoded.append(r)
             rows = decoded
         return RawResult(rows, raw.names, rowcount)
+
+    def _postgresql(
+        self, sql: str, params: Any, names: tuple[str, ...] | None, many: bool
+    ) -> RawResult:
+        """A statement that returns no rows waits, and goes to the server with the next one that
+        does (or with the COMMIT: `RawDatabase.run`) in one pipeline: one round trip for several
+        statements, run in their order, so every read still sees the transaction's own earlier
+        writes. An error of a waiting statement is raised where it is sent: it aborts the
+        transaction all the same, and nothing leaves the transaction before COMMIT. (No hot
+        caller reads the row count of a statement that returns no rows.) The first statement of
+        a transaction is always sent at once: a connection the database dropped while it was
+        idle fails there, with nothing run, and `RawDatabase.run` runs it again on a new one."""
+        if names is None and not many and self.statements:
+            self.pending.append((sql, params))
+            return RawResult([], None, -1)
+        c = self.dbapi
+        cur = c.cursor()
+        try:
+            if self.pending:
+                pending, self.pending = self.pending, []
+                self.statements += len(pending)
+                with c.pipeline():
+                    for q, p in pending:
+                        c.execute(q, p)
+                    if many:
+                        cur.executemany(sql, params)
+                    else:
+                        cur.execute(sql, params)
+            elif many:
+                cur.executemany(sql, params)
+            else:
+                cur.execute(sql, params)
+            self.statements += 1
+            rows = cur.fetchall() if names is not None else []
+            return RawResult(rows, names, cur.rowcount)
+        finally:
+            cur.close()
 
 
 def _dump(params: dict, keys: tuple[str, ...]) -> dict:
@@ -612,9 +642,11 @@ class RawDatabase:
             conn = RawConnection(c, "postgresql")
             try:
                 out = fn(conn)
-                if conn.deferred:
+                tail = conn.pending + conn.deferred
+                if tail:  # the writes not sent yet, the NOTIFYs and COMMIT: one round trip
+                    conn.statements += len(tail)  # sent now: a failure must not rerun them
                     with c.pipeline():
-                        for sql, params in conn.deferred:
+                        for sql, params in tail:
                             c.execute(sql, params)
                         c.commit()
                 else:
