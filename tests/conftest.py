@@ -20,6 +20,38 @@ from tests._infra import MotoS3, PostgresCluster
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_S = 3.0
 
+#: Modules that train, generate or serve with torch. Under `pytest -n 2 --dist loadgroup` (the
+#: default, see pyproject.toml) they all run on one xdist worker, one at a time (two torch
+#: processes on 2 cores slow each other far more than 2x), while the other worker takes the API,
+#: store, queue and cluster modules; every other module stays whole on one worker, in order.
+TORCH_MODULES = frozenset(
+    {
+        "test_batches",
+        "test_cookbook_ft",
+        "test_dashboard_deploy",
+        "test_dashboard_training",
+        "test_demo",
+        "test_deploy",
+        "test_fine_tuning",
+        "test_gpu_serving",
+        "test_hub_push",
+        "test_inference",
+        "test_inspect",
+        "test_logprob",
+        "test_models",
+        "test_openai_api",
+        "test_openai_inference",
+        "test_weighted_sft",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        item.add_marker(pytest.mark.xdist_group("torch" if module in TORCH_MODULES else module))
+
 
 def wait_until(cond, timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02):
     """Poll a condition with a deadline (tests only: the product itself never polls like this)."""
