@@ -248,3 +248,33 @@ def test_embedded_service_pool_runs_its_workers_as_local_provider_pods(tmp_path)
     assert not os.path.exists(f"/proc/{record['pid']}") or (
         open(f"/proc/{record['pid']}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
     )
+
+
+def test_ssh_local_syncs_files_written_here_while_the_shell_runs(server, api_key, tmp_path):
+    env = env_for(server, api_key, tmp_path / "home")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    ready = tmp_path / "ready"
+    # the remote side says it runs, then waits (bounded) for a file written here after that
+    cmd = (
+        f"touch {ready}; for i in $(seq 1 200); do "
+        "[ -f late.txt ] && cat late.txt && exit 0; sleep 0.1; done; exit 7"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openweights.cli.main", "ssh", "--provider", "local", "--", cmd],
+        env=env,
+        cwd=proj,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(ready.exists, 60, "the remote shell to start")
+        (proj / "late.txt").write_text("synced live")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip() == "synced live"

@@ -368,6 +368,15 @@ def test_pending_reason_says_why_no_pod_starts_and_clears_when_the_manager_stops
         "huge",
     )
     assert "no hardware of provider runpod has 5000 GB VRAM" in reason
+    # `ow ls` shows the manager's reasons too
+    from tests.test_cluster_cli import env_for, ow
+
+    r = ow("ls", "--cost", env=env_for(server, api_key, tmp_path / "home"))
+    assert r.returncode == 0, r.stderr
+    assert "WAITING FOR" in r.stdout.splitlines()[0]
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()[1:-1]}
+    assert "no hardware of provider runpod has 5000 GB VRAM" in lines[huge["id"]]
+    assert "max_workers reached: 1 of 1 pods run" in lines[second["id"]]
     managers.stop(m)  # a stopped manager's reasons go with it
     assert "Cluster manager" not in reason_of(server, api_key, huge["id"])
     assert "Cluster manager" not in reason_of(server, api_key, second["id"])

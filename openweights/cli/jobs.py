@@ -87,6 +87,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [(j.id, j.type, j.status, format_time(j.created_at), j.model) for j in jobs]
     headers = ["ID", "TYPE", "STATUS", "CREATED", "MODEL"]
     costs = _costs(ow, min((j.created_at for j in jobs), default=None))
+    waits = _waits(ow) if any(j.status == "pending" for j in jobs) else {}
+    if waits:  # the cluster manager's reason a pending job has no pod yet
+        headers.append("WAITING FOR")
+        rows = [(*r, _short(waits.get(j.id))) for r, j in zip(rows, jobs, strict=True)]
     if costs is not None:
         headers.append("COST USD")
         rows = [
@@ -99,6 +103,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
             f"{costs['billed_usd']:.4f} USD of pod time billed (boot and idle included)"
         )
     return 0
+
+
+def _short(text: str | None, width: int = 60) -> str | None:
+    return text if text is None or len(text) <= width else text[: width - 1] + "…"
+
+
+def _waits(ow: Any) -> dict[str, str]:
+    from openweights._exceptions import APIConnectionError, APIStatusError
+
+    try:
+        return ow._http.request("GET", "/v1/cluster/waits").json().get("reasons") or {}
+    except (APIStatusError, APIConnectionError):
+        return {}
 
 
 def _costs(ow: Any, since: float | None) -> dict | None:

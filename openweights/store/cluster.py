@@ -30,6 +30,7 @@ __all__ = [
     "list_pods",
     "boot_times",
     "list_pods_row",
+    "list_waits",
     "lose_worker",
     "record_pod",
     "release_lease",
@@ -402,6 +403,14 @@ def set_waits(
             ],
         )
     return len(reasons)
+
+
+def list_waits(conn: Connection, org_id: str, now: float) -> dict[str, str]:
+    """The org's fresh wait reasons, job id -> reason."""
+    rows = conn.execute(
+        select(WT.c.job_id, WT.c.reason).where(WT.c.org_id == org_id, WT.c.expires_at >= now)
+    )
+    return {job_id: reason for job_id, reason in rows}
 
 
 _WAIT_REASON = (

@@ -195,6 +195,7 @@ class WaitsRequest(BaseModel):
 class WaitsResponse(BaseModel):
     object: Literal["cluster.waits"] = "cluster.waits"
     count: int
+    reasons: dict[str, str] | None = Field(default=None, description="job id → why (GET only).")
 
 
 class EstimateRequest(BaseModel):

@@ -249,6 +249,20 @@ async def set_waits(
     return ct.WaitsResponse(count=await state.call(work))
 
 
+@router.get("/waits", response_model=ct.WaitsResponse)
+async def list_waits(request: Request, p: Principal = Depends(principal)) -> ct.WaitsResponse:
+    """Why the org's cluster manager starts no pod for each waiting job (`ow ls`)."""
+    require(p, "user")
+    state = request.app.state.ow
+
+    def work():
+        with state.db.read() as conn:
+            return cq.list_waits(conn, p.org_id, state.db.now(conn))
+
+    reasons = await state.call(work)
+    return ct.WaitsResponse(count=len(reasons), reasons=reasons)
+
+
 #: Typical RunPod GPU pod start to worker registration (image cached on the host: less).
 TYPICAL_BOOT_S = 300.0
 
