@@ -4,10 +4,13 @@ trains, log-probabilities get one line per dataset and tag, sampled completions 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from openweights.testing import conversations_rows, make_tiny_model, write_jsonl
+from tests.conftest import base_env
 from tests.test_dashboard import check_page, launch_chromium, login, serve_sqlite
 from tests.test_e2e import worker_token
 
@@ -78,6 +81,18 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
     assert series and all(s.startswith("logp_mean [dataset=probe, tag=probe") for s in series)
     assert len(series) == len(set(series))
     assert page.locator('figure[data-metric="learning_rate"]').count() == 1
+
+    # "copy as Python" of a fine-tune resubmits the same job (same content hash, same id)
+    page.goto(f"{server.url}/dashboard/jobs/{job.id}")
+    snippet = page.inner_text("#snippet")
+    assert "ow.fine_tuning.create(" in snippet
+    env = base_env(tmp_path / "snippet-home")
+    env.update(OPENWEIGHTS_URL=server.url, OPENWEIGHTS_API_KEY=api_key)
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [job.id, "completed"]
 
     page.goto(f"{server.url}/dashboard/models")
     row = page.locator("#models tbody tr", has_text=job.id)
