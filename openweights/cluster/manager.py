@@ -245,9 +245,20 @@ class ClusterManager:
                     version = None
                     self._stop.wait(min(2.0 ** (errors - 1), 30.0))
         finally:
-            if self._waits:
-                self._send_waits({}, force=True)  # no manager, no reasons: the server's own show
+            self._clear_waits()
             self.release_lease()
+
+    def _clear_waits(self) -> None:
+        """No manager, no manager's reasons: the server's own show. Only while this manager
+        holds the lease, so a stale one never wipes its successor's."""
+        if not self._waits:
+            return
+        try:
+            held = self.renew_lease()
+        except (APIConnectionError, APIStatusError):
+            return  # they expire by themselves
+        if held:
+            self._send_waits({}, force=True)
 
     def renew_lease(self) -> bool:
         body = {"holder": self.holder, "ttl_s": self.config.lease_ttl_s}
