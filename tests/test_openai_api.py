@@ -117,6 +117,34 @@ def test_deployment_itself_needs_its_key(org, api):
     assert httpx.post(f"{url}/chat/completions", json=body, headers=good).status_code == 200
 
 
+def test_openai_model_names_go_to_openai_with_the_official_client(org, api, tiny, monkeypatch):
+    """`gpt-*`, `o3`, `openai/<name>` skip deployments, as in the original: here "OpenAI" is this
+    server's own /v1 (OPENAI_BASE_URL), which answers with the deployed tiny model."""
+    from openweights.client.chat import is_openai_model
+
+    assert all(map(is_openai_model, ["gpt-4o-mini", "o3", "o1-mini", "openai/x", "chatgpt-4o"]))
+    assert not any(map(is_openai_model, ["unsloth/Qwen3-4B", "o", "org/gpt-4", "ollama/o3x"]))
+    monkeypatch.setenv("OPENAI_BASE_URL", api.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", org.api_key)
+    org.chat._openai = None
+    try:
+        c = org.chat.completions.create(model=f"openai/{tiny}", messages=MSG, max_tokens=3)
+        assert isinstance(c, openai.types.chat.ChatCompletion) and c.model == tiny
+        assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens
+        chunks = list(
+            org.chat.completions.create(
+                model=f"openai/{tiny}", messages=MSG, max_tokens=3, stream=True
+            )
+        )
+        assert chunks and all(
+            isinstance(ch, openai.types.chat.ChatCompletionChunk) for ch in chunks
+        )
+        assert {ch.model for ch in chunks} == {tiny}
+        assert list(org.chat.deployments) == [tiny]  # no deployment was made for it
+    finally:
+        org.chat._openai = None
+
+
 def test_released_deployment_stops_when_idle_and_then_404s(org, api, tiny):
     job_id = api.job_id
     api._stop.set()  # release it: no keep-alive, no requests

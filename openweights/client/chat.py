@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from openweights._exceptions import (
     APIStatusError,
     APITimeoutError,
     NotFoundError,
+    OpenWeightsError,
     make_status_error,
 )
 
@@ -103,6 +105,39 @@ class ChatCompletionChunk(_Obj):
     model: str
     choices: list[ChunkChoice]
     usage: CompletionUsage | None = None
+
+
+#: Models `ow.chat` sends to OpenAI itself, as the original did: `openai/<name>`, and bare OpenAI
+#: names (`gpt-4o-mini`, `o3`, `o1-mini`, `chatgpt-4o-latest`).
+_OPENAI_NAME = re.compile(r"^(openai/.+|gpt-.+|chatgpt-.+|o[1-9](-.*)?)$")
+
+
+def is_openai_model(model: str) -> bool:
+    """Whether `ow.chat.completions.create(model=...)` goes to OpenAI's API, not a deployment."""
+    return bool(_OPENAI_NAME.match(model))
+
+
+def _openai(async_: bool) -> Any:
+    """The official client, configured by OPENAI_API_KEY / OPENAI_BASE_URL as openai reads them."""
+    try:
+        import openai
+    except ImportError as e:
+        raise OpenWeightsError(
+            'OpenAI models need the openai client: pip install "openweights[openai]"'
+        ) from e
+    return openai.AsyncOpenAI() if async_ else openai.OpenAI()
+
+
+def _openai_kwargs(
+    model: str, messages: list, stream: bool, timeout_s: float, kwargs: dict
+) -> dict:
+    return {
+        "model": model.removeprefix("openai/"),
+        "messages": messages,
+        "stream": stream,
+        "timeout": timeout_s,
+        **kwargs,
+    }
 
 
 def _body(model: str, messages: list[dict[str, Any]], stream: bool, kwargs: dict) -> dict:
@@ -219,7 +254,15 @@ class Completions:
 
         Any other OpenAI parameter (`max_tokens`, `temperature`, `stop`, …) is passed on.
         `deploy=False`: a model with no deployment raises `NotFoundError` instead of deploying.
+        OpenAI's own models (`gpt-4o-mini`, `o3`, `openai/<name>`) go to OpenAI with the official
+        client (OPENAI_API_KEY, OPENAI_BASE_URL) and come back as its objects.
         """
+        if is_openai_model(model):
+            if self._chat._openai is None:
+                self._chat._openai = _openai(async_=False)
+            return self._chat._openai.chat.completions.create(
+                **_openai_kwargs(model, messages, stream, timeout_s, kwargs)
+            )
         body = _body(model, messages, stream, kwargs)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -273,6 +316,7 @@ class Chat:
         self._lock = threading.Lock()
         self._batch: _Batch | None = None
         self._batch_done = threading.Event()
+        self._openai: Any = None  # the official client, made on the first OpenAI model
 
     def _ensure(self, model: str) -> None:
         """Deploy `model` (with whatever else was requested in the same window) and wait."""
@@ -334,7 +378,13 @@ class AsyncCompletions:
         timeout_s: float = TIMEOUT_S,
         **kwargs: Any,
     ) -> Any:
-        """A chat completion, or an `AsyncStream` of chunks with `stream=True`."""
+        """A chat completion, or an `AsyncStream` of chunks with `stream=True` (see `Completions`)."""
+        if is_openai_model(model):
+            if self._chat._openai is None:
+                self._chat._openai = _openai(async_=True)
+            return await self._chat._openai.chat.completions.create(
+                **_openai_kwargs(model, messages, stream, timeout_s, kwargs)
+            )
         body = _body(model, messages, stream, kwargs)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -384,6 +434,7 @@ class AsyncChat:
         self.deployments: dict[str, Any] = {}
         self._batch: _Batch | None = None
         self._batch_done: asyncio.Event | None = None
+        self._openai: Any = None  # the official async client, made on the first OpenAI model
 
     async def _ensure(self, model: str) -> None:
         batch = self._batch
