@@ -405,8 +405,9 @@ def test_cost_page_shows_the_queue_against_capacity(server, browser, ow, api_key
 
 
 def test_cost_page_shows_spend_per_job_per_day_and_for_the_org(server, browser):
-    """A run of one hour on a priced pod (written into the server's database: no cloud here)
-    costs that hardware's hourly price, on the job, its day and the org's total."""
+    """A run of one hour on a pod (written into the server's database: no cloud here) costs the
+    pod's recorded hourly price, on the job, its day and the org's total; the pod's billed time
+    (launch to termination) shows beside it."""
     from sqlalchemy import insert
 
     from openweights import OpenWeights
@@ -444,18 +445,24 @@ def test_cost_page_shows_spend_per_job_per_day_and_for_the_org(server, browser):
                     log_size=0, hardware=offer.hardware_type,
                 )
             )  # fmt: skip
+            conn.execute(
+                insert(s.cluster_pods).values(
+                    org_id=org, provider="runpod", pod_id="rp-1", name="pod-1",
+                    hardware_type=offer.hardware_type, price_per_hour=1.5,
+                    launched_at=now - 7200, terminated_at=now - 3400,
+                )
+            )  # fmt: skip
     finally:
         db.dispose()
     page = login(browser, server, key, "/dashboard/cost")
-    assert page.inner_text("#cost-total") == f"${offer.price_per_hour:.2f}"
+    assert page.inner_text("#cost-total") == "$1.50"  # the pod's price, not the catalog's
+    assert "$1.58" in page.inner_text("#cost-billed")  # 3,800 s billed at $1.5/h
     day = ts(now - 7200)[:10]
-    assert page.locator("#cost-by-day tbody tr").all_inner_texts() == [
-        f"{day}\t{offer.price_per_hour:.4f}"
-    ]
+    assert page.locator("#cost-by-day tbody tr").all_inner_texts() == [f"{day}\t1.5000\t1.5833"]
     row = page.locator("#cost-by-job tbody tr", has_text=job.id)
-    assert f"{offer.price_per_hour:.4f}" in row.inner_text()
+    assert "1.5000" in row.inner_text() and "1.000" in row.inner_text()  # USD, busy hours
     page.goto(f"{server.url}/dashboard/jobs/{job.id}")
-    assert f"${offer.price_per_hour:.4f}" in page.inner_text("#runs")
+    assert "$1.5000" in page.inner_text("#runs")
     assert "pod-1" in page.inner_text("#runs") and offer.hardware_type in page.inner_text("#runs")
     page.context.close()
 

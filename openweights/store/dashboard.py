@@ -403,26 +403,37 @@ def spend(
 ) -> dict[str, Any]:
     """The org's spend, summed in SQL: total, per UTC day, and the `top` jobs by cost.
 
-    A run costs its busy time × its worker's hourly price (`price_of(hardware_type)`; local
-    workers cost nothing), as `store.cluster.run_costs` prices each run; here the few hardware
-    types are priced first and the sums run in the database, so 100k runs cost one scan."""
+    A run costs its busy time × its pod's recorded price, else its hardware's hourly price
+    (`price_of(hardware_type)`; local workers cost nothing), as `store.cluster.run_costs` prices
+    each run; here the few hardware types are priced first and the sums run in the database, so
+    100k runs cost one scan."""
+    P = s.cluster_pods
+    hw = func.coalesce(R.c.hardware, W.c.hardware_type)
     types = conn.execute(
-        select(W.c.hardware_type)
+        select(hw)
         .select_from(R)
-        .join(W, W.c.id == R.c.worker_id)
-        .where(R.c.org_id == org_id, W.c.provider != "local")
-        .group_by(W.c.hardware_type)
+        .outerjoin(W, W.c.id == R.c.worker_id)
+        .where(R.c.org_id == org_id, or_(W.c.provider.is_(None), W.c.provider != "local"))
+        .group_by(hw)
     ).all()
     prices = {t: price_of(t or "") for (t,) in types}
     price = case(
+        # the price its pod was launched at, as the manager recorded it (`cluster_pods`)
+        (P.c.price_per_hour.is_not(None), P.c.price_per_hour),
         (W.c.provider == "local", literal(0.0)),
-        *[(W.c.hardware_type == t, literal(p)) for t, p in prices.items() if p],
+        *[(hw == t, literal(p)) for t, p in prices.items() if p],
         else_=literal(0.0),
     )
     busy_s = func.coalesce(R.c.finished_at, literal(now)) - R.c.started_at
     busy_s = case((busy_s > 0, busy_s), else_=literal(0.0))
     usd = cast(busy_s, Float) * price / 3600.0
-    base = select().select_from(R).outerjoin(W, W.c.id == R.c.worker_id).where(R.c.org_id == org_id)
+    base = (
+        select()
+        .select_from(R)
+        .outerjoin(W, W.c.id == R.c.worker_id)
+        .outerjoin(P, and_(P.c.org_id == R.c.org_id, P.c.name == W.c.name))
+        .where(R.c.org_id == org_id)
+    )
     total, n_runs, n_jobs = conn.execute(
         base.add_columns(
             func.coalesce(func.sum(usd), 0.0), func.count(), func.count(func.distinct(R.c.job_pk))
@@ -434,7 +445,7 @@ def spend(
     ).all()
     cost, busy = func.sum(usd).label("usd"), func.sum(busy_s).label("busy_s")
     per_job = (
-        base.add_columns(R.c.job_pk, cost, busy, func.max(W.c.hardware_type).label("hw"))
+        base.add_columns(R.c.job_pk, cost, busy, func.max(hw).label("hw"))
         .group_by(R.c.job_pk)
         .order_by(cost.desc(), busy.desc(), R.c.job_pk.desc())
         .limit(top)

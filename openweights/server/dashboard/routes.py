@@ -1085,17 +1085,26 @@ async def playground_chat(request: Request, session: Session = Depends(current))
 
 @router.get("/cost")
 async def cost_page(request: Request, session: Session = Depends(current)):
-    """Spend per job, per day and in total (summed in SQL); the queue against live capacity."""
+    """Spend per job, per day and in total (summed in SQL), billed pod time; the queue against
+    live capacity."""
+    from openweights.store import cluster as cq
+
     state = request.app.state.ow
     org = session.org_id
 
     def work(conn):
         now = state.db.now(conn)
         spent = dq.spend(conn, org, _price_of, now=now, top=200)
+        pods = cq.list_pods(conn, org, now=now, limit=1000)
         workers = q.list_workers(conn, org)
-        return spent, workers, dq.pending_groups(conn, org), now
+        return spent, pods, workers, dq.pending_groups(conn, org), now
 
-    spent, workers, groups, now = await db(request, _read(request, work))
+    spent, pods, workers, groups, now = await db(request, _read(request, work))
+    billed_by_day: dict[int, float] = {}
+    for pod in pods:  # pod time as the provider bills it: boot and idle time too
+        d = int(pod["launched_at"] // 86400)
+        billed_by_day[d] = billed_by_day.get(d, 0.0) + pod["cost_usd"]
+    days = dict(spent["days"])
     live = [
         w
         for w in workers
@@ -1112,7 +1121,13 @@ async def cost_page(request: Request, session: Session = Depends(current)):
         total=spent["total"],
         by_job=spent["jobs"],
         n_jobs=spent["n_jobs"],
-        by_day=[(_render.ts(d * 86400.0)[:10], v) for d, v in spent["days"]],
+        by_day=[
+            (_render.ts(d * 86400.0)[:10], days.get(d, 0.0), billed_by_day.get(d))
+            for d in sorted(set(days) | set(billed_by_day), reverse=True)
+        ],
+        pods=pods,
+        billed=sum(p["cost_usd"] for p in pods),
+        running_pods=sum(1 for p in pods if p["terminated_at"] is None),
         groups=groups,
         live=live,
         runs=spent["runs"],
