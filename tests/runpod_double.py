@@ -94,6 +94,10 @@ class RunPodDouble:
     hang_s: float = 0.0  # sleep this long before answering (client timeouts)
     # sleep this long, then deploy anyway (a launch that times out at the client yet started)
     hang_deploy_s: float = 0.0
+    # SSH: the port pods report, and where a pod's PUBLIC_KEY goes (a local sshd's
+    # AuthorizedKeysFile), as the worker image's entrypoint does in a real pod
+    ssh_port: int = 22022
+    authorized_keys: Path | None = None
     # what happened
     pods: dict[str, FakePod] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # top-level field of every request
@@ -251,6 +255,9 @@ class RunPodDouble:
         )
         self.pods[pod.id] = pod
         self.created.append(pod)
+        if self.authorized_keys is not None and env.get("PUBLIC_KEY"):
+            with open(self.authorized_keys, "a") as f:
+                f.write(env["PUBLIC_KEY"].strip() + "\n")
         if (gpu or "cpu") not in self.never_boot:
             self._boot(pod)
         return {
@@ -271,7 +278,7 @@ class RunPodDouble:
                         "ip": "127.0.0.1",
                         "isIpPublic": True,
                         "privatePort": 22,
-                        "publicPort": 22022,
+                        "publicPort": self.ssh_port,
                         "type": "tcp",
                     }
                 ],

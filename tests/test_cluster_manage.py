@@ -234,3 +234,107 @@ def test_manage_start_gets_a_managed_manager_from_the_supervisor(server, tmp_pat
         assert sup.wait(60) == 0
     finally:
         double.stop()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real sshd on a free loopback port: what a RunPod pod's SSH port leads to."""
+    import shutil
+    import socket
+
+    exe = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(exe) or os.geteuid() != 0 or shutil.which("rsync") is None:
+        pytest.skip("needs openssh-server's sshd, rsync and root (apt-get install openssh-server)")
+    d = tmp_path / "sshd"
+    d.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "hk")], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    authorized = d / "authorized_keys"
+    authorized.touch(mode=0o600)
+    (d / "cfg").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'hk'}\n"
+        f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\n"
+        f"PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {d / 'pid'}\n"
+    )
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen(
+        [exe, "-D", "-e", "-f", str(d / "cfg")],
+        stdout=open(d / "log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def listening():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, 30, "sshd to listen")
+        yield port, authorized
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_ssh_on_runpod_starts_a_pod_syncs_runs_and_terminates_it(server, tmp_path, sshd):
+    """`ow ssh` against the RunPod double, whose pod's SSH port is a real sshd here: the pod
+    gets PUBLIC_KEY, the directory is rsynced (no .venv), a file written here while the command
+    runs reaches the pod, the command's exit code is ow's, and the pod is terminated."""
+    port, authorized = sshd
+    double = RunPodDouble(
+        api_key="rp-ssh",
+        workdir=tmp_path / "pods",
+        boot_workers=False,
+        ssh_port=port,
+        authorized_keys=authorized,
+    ).start()
+    try:
+        key = server.signup("ssh-lab")
+        httpx.put(
+            f"{server.url}/v1/secrets/RUNPOD_API_KEY",
+            json={"value": "rp-ssh"},
+            headers={"Authorization": f"Bearer {key}"},
+        ).raise_for_status()
+        sshkey = tmp_path / "id_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(sshkey)], check=True
+        )
+        proj = tmp_path / "proj"
+        (proj / ".venv").mkdir(parents=True)
+        (proj / ".venv" / "big.bin").write_bytes(b"x" * 100)
+        (proj / "hello.txt").write_text("hello pod")
+        remote, ready = tmp_path / "remote", tmp_path / "ready"
+        cmd = (
+            f"cat hello.txt; ls -a; touch {ready}; for i in $(seq 1 100); do "
+            "[ -f late.txt ] && cat late.txt && exit 5; sleep 0.1; done; exit 9"
+        )
+        env = env_for(server, key, tmp_path / "home", RUNPOD_API_BASE_URL=double.url)
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "openweights.cli.main", "ssh", "--gpu", "1x A40",
+                "--key-path", str(sshkey), "--remote-dir", str(remote), "--", cmd,
+            ],
+            env=env,
+            cwd=proj,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            wait_until(ready.exists, 90, "the command to run on the pod")
+            (proj / "late.txt").write_text("synced while running")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 5, err
+        assert "hello pod" in out and "synced while running" in out and ".venv" not in out
+        (pod,) = double.created
+        assert pod.env["PUBLIC_KEY"] == (tmp_path / "id_ed25519.pub").read_text().strip()
+        assert pod.name.startswith("owssh-") and pod.desired == "TERMINATED"
+        assert (remote / "hello.txt").read_text() == "hello pod"
+        assert (tmp_path / "home" / "ssh" / "known_hosts").exists()  # not the user's own
+    finally:
+        double.stop()

@@ -639,6 +639,7 @@ def _ssh_runpod(args: argparse.Namespace, cmd: list[str]) -> int:
     import shutil
     import subprocess
 
+    from openweights._settings import Settings
     from openweights.cluster._sync import SKIP_DIRS
     from openweights.cluster.catalog import DEFAULT_CATALOG
     from openweights.cluster.manager import DEFAULT_GPU_IMAGE
@@ -673,6 +674,10 @@ def _ssh_runpod(args: argparse.Namespace, cmd: list[str]) -> int:
                 raise c.CLIError(f"pod {pod.id} got no SSH port within 15 min")
             time.sleep(5)  # the provider has no push for this: its status is polled
         host, port = now.detail["ssh_host"], now.detail["ssh_port"]
+        # Pods' host keys are new each time and RunPod reuses ip:port pairs: keep them out of
+        # the user's known_hosts (a reused pair would be refused there as a changed key).
+        known = Settings().home / "ssh" / "known_hosts"
+        known.parent.mkdir(parents=True, exist_ok=True)
         ssh = [
             "ssh",
             "-i",
@@ -681,6 +686,8 @@ def _ssh_runpod(args: argparse.Namespace, cmd: list[str]) -> int:
             port,
             "-o",
             "StrictHostKeyChecking=accept-new",
+            "-o",
+            f"UserKnownHostsFile={known}",
             f"root@{host}",
         ]
         if not args.no_sync:
@@ -696,9 +703,9 @@ def _ssh_runpod(args: argparse.Namespace, cmd: list[str]) -> int:
             excludes = "\n".join(sorted(SKIP_DIRS)).encode()
             subprocess.run(ssh + [f"mkdir -p {shlex.quote(args.remote_dir)}"], check=False)
             subprocess.run(rsync, input=excludes, check=False)
-        remote = f"cd {shlex.quote(args.remote_dir)} && " + (
-            shlex.join(cmd) if cmd else "exec bash -l"
-        )
+        # one argument is a command line (as with `ow ssh --provider local`), more are argv
+        line = (cmd[0] if len(cmd) == 1 else shlex.join(cmd)) if cmd else "exec bash -l"
+        remote = f"cd {shlex.quote(args.remote_dir)} && {line}"
         if args.no_sync:
             return subprocess.call(ssh + ["-t", remote])
         import threading
