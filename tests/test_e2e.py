@@ -235,6 +235,45 @@ def test_logs_follow_streams_live_output(server, ow, api_key, start_worker, tmp_
     assert "second line" in rest and proc.returncode == 0
 
 
+def test_logs_follow_on_a_terminal_shows_the_jobs_progress_beside_its_log(
+    server, ow, api_key, start_worker, tmp_path
+):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    start_worker(server.url, worker_token(ow))
+    gate = tmp_path / "gate"
+    log_events = (
+        "from openweights import OpenWeights; ow = OpenWeights(); "
+        "[ow.run.log({'step': i, 'total_steps': 4, 'loss': 1 / i}) for i in range(1, 5)]"
+    )
+    job = script_job(
+        ow,
+        f'python -c "{log_events}"; echo trained; while [ ! -f {gate} ]; do sleep 0.05; done',
+        tag="progress",
+    )
+    env = dict(os.environ, OPENWEIGHTS_URL=server.url, OPENWEIGHTS_API_KEY=api_key)
+    master, slave = pty.openpty()  # stderr is a terminal, stdout a pipe (the log stays clean)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 160 columns
+    proc = subprocess.Popen(["ow", "logs", "-f", job.id], env=env, stdout=subprocess.PIPE,
+                            stderr=slave, text=True)  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"step=4" not in seen and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.5)[0]:
+            seen += os.read(master, 4096)
+    gate.write_text("go")
+    out = proc.communicate(timeout=60)[0]
+    os.close(master)
+    assert b"step=4" in seen and b"100%" in seen, seen[-500:]  # a bar: 4 of 4 steps
+    assert b"in_progress" in seen
+    assert "trained" in out and "step=" not in out and proc.returncode == 0
+
+
 def test_server_restart_mid_job_loses_nothing(server_factory, start_worker, tmp_path):
     from openweights import OpenWeights
 

@@ -224,6 +224,25 @@ def _await_change(ow: Any, job_id: str) -> None:
         pass
 
 
+def _show_progress(ow: Any, job_id: str) -> None:
+    """On a terminal, the job's live status and progress (step/total, loss, ETA: its latest
+    progress event) as a bar on stderr, beside the log on stdout; `job.wait()` draws it."""
+    import threading
+
+    from openweights.client._progress import stderr_is_tty
+
+    if not stderr_is_tty():
+        return
+
+    def draw() -> None:
+        try:
+            ow.jobs.wait(job_id)
+        except Exception:  # the bar is a courtesy: the log stream reports real errors
+            pass
+
+    threading.Thread(target=draw, name=f"ow-logs-progress-{job_id}", daemon=True).start()
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     ow = c.make_client()
     out = sys.stdout.buffer
@@ -249,6 +268,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         _print_log(ow, runs[-1], out)
         return 0
 
+    _show_progress(ow, args.job_id)
     followed: set[int] = set()
     while True:
         job = ow.jobs.retrieve(args.job_id)

@@ -35,8 +35,8 @@ __all__ = ["AsyncJob", "AsyncJobsResource", "Job", "JobsResource", "PreparedJob"
 
 #: Seconds one long-poll may last (the server caps it at 60).
 WAIT_POLL_S = 30
-#: On a terminal the status line refreshes this often.
-WAIT_POLL_TTY_S = 10
+#: On a terminal the status line (with the latest progress event) refreshes this often.
+WAIT_POLL_TTY_S = 2
 #: Extra read time beyond the long-poll itself before the request counts as hung.
 _WAIT_GRACE_S = 30.0
 Until = Literal["terminal", "started"]
