@@ -64,12 +64,23 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
     page = login(browser, server, api_key, f"/dashboard/jobs/{job.id}/plots")
     page.wait_for_selector('#plots[data-ready="1"]', state="attached")
     assert page.locator("figure.plot").count() == 0  # pending: nothing yet
+    # record every size the loss curve is drawn at (reading it after a wait would race with
+    # the next batch of points)
+    page.evaluate(
+        """() => { window.seen = [];
+          new MutationObserver(() => {
+            const f = document.querySelector('figure[data-metric="loss"]');
+            if (f && window.seen[window.seen.length - 1] !== f.dataset.points)
+              window.seen.push(f.dataset.points);
+          }).observe(document.querySelector('#plots'),
+                     {subtree: true, childList: true, attributes: true});
+        }"""
+    )
 
     start_worker(server.url, worker_token(ow), "--any-hardware", env={"OMP_NUM_THREADS": "2"})
-    page.wait_for_selector('figure[data-metric="loss"]', timeout=300_000)
-    first = int(page.get_attribute('figure[data-metric="loss"]', "data-points"))
     page.wait_for_selector(f'figure[data-metric="loss"][data-points="{steps}"]', timeout=300_000)
-    assert first < steps, "the curve was drawn before training ended, then grew"
+    seen = [int(n) for n in page.evaluate("window.seen")]
+    assert seen[0] < steps and seen == sorted(seen), f"drawn at {seen}: not while training"
     page.wait_for_function(
         "document.querySelector('#plot-state').textContent.includes('job')", timeout=300_000
     )
