@@ -754,6 +754,8 @@ class ClusterManager:
         now = self.clock()
         if not force and reasons == self._waits and now - self._waits_at < ttl / 2:
             return
+        if not force and not reasons and not self._waits and self._waits_at > -1e18:
+            return  # nothing to say, and the server holds nothing of ours (cleared once at start)
         try:
             self.http.request(
                 "POST", "/v1/cluster/waits", json={"reasons": reasons, "ttl_s": ttl}, retry=True
