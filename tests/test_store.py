@@ -97,3 +97,16 @@ def test_tokens_are_stored_as_hashes_only(db):
     with db.read() as conn:
         p, _ = orgs.authenticate(conn, secret, 2.0)
     assert p.org_id == org["id"]
+
+
+def test_org_names_fill_templates_as_valid_model_namespaces():
+    from openweights.store.jobs import fill_placeholders
+    from openweights.store.models import NAME_RE
+
+    params = {"validated_params": {"finetuned_model_id": "{org_id}/tiny-{job_id}", "r": 8}}
+    for org, ns in [("alignment lab", "alignment-lab"), ("lab/x", "lab-x"), ("my.org", "my.org"),
+                    ("  ", "org"), ("Åsa's lab", "sa-s-lab")]:  # fmt: skip
+        filled = fill_placeholders(params, job_id="ftjob-1", org_name=lambda o=org: o)
+        name = filled["validated_params"]["finetuned_model_id"]
+        assert name == f"{ns}/tiny-ftjob-1" and NAME_RE.match(name), name
+        assert filled["validated_params"]["r"] == 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,14 +47,16 @@ def compute_job_id(
 
 def fill_placeholders(params: dict, *, job_id: str, org_name: Callable[[], str]) -> dict:
     """`{job_id}` and `{org_id}` in top-level string values of `params.validated_params` become
-    the job's id and the org's name (e.g. `finetuned_model_id`). The id is hashed from the
+    the job's id and the org's name as a namespace (e.g. `finetuned_model_id`; characters a
+    model id cannot hold become `-`). The id is hashed from the
     params before this, so resubmitting the same template finds the same job."""
     vp = params.get("validated_params")
     if not isinstance(vp, dict):
         return params
     if not any(isinstance(v, str) and ("{job_id}" in v or "{org_id}" in v) for v in vp.values()):
         return params
-    org = org_name()
+    # the org's name as a model-id namespace: "alignment lab" -> "alignment-lab"
+    org = re.sub(r"[^A-Za-z0-9_.\-]+", "-", org_name()).strip("-._") or "org"
     filled = {
         k: v.replace("{job_id}", job_id).replace("{org_id}", org) if isinstance(v, str) else v
         for k, v in vp.items()
