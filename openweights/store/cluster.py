@@ -311,7 +311,7 @@ def record_pod(conn: Connection, org_id: str, rec: dict[str, Any], now: float) -
     `terminated=True` sets `terminated_at` to now and the reason, once."""
     key = and_(P.c.org_id == org_id, P.c.provider == rec["provider"], P.c.pod_id == rec["pod_id"])
     row = conn.execute(select(P).where(key)).mappings().first()
-    launched = rec.get("launched_at") or now
+    launched = now if rec.get("launched_at") is None else rec["launched_at"]
     if row is None:
         values = {
             "org_id": org_id,

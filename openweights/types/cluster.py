@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 #: Org secrets the manager may read back (`POST /v1/cluster/secrets`): provider keys and limits.
 #: Nothing else: a user token cannot read other secret values through this route.
@@ -139,21 +139,24 @@ class PodRecordRequest(BaseModel):
     """What a manager reports about one of its pods (`POST /v1/cluster/pods`): at launch, when
     its worker registers, when it is terminated. Repeating a report changes nothing."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
     provider: str = Field(min_length=1, max_length=64)
     pod_id: str = Field(min_length=1, max_length=200)
     name: str = Field(min_length=1, max_length=200)
     hardware_type: str = Field(max_length=64)
-    price_per_hour: float = Field(ge=0)
+    price_per_hour: float = Field(ge=0, le=100_000)
     image: str | None = Field(default=None, max_length=500)
     token_id: str | None = Field(default=None, max_length=64)
     job_id: str | None = Field(default=None, max_length=200)
     worker_id: str | None = Field(default=None, max_length=64)
     launched_at: float | None = Field(
-        default=None, description="When the provider started it; default: now (server clock)."
+        default=None,
+        ge=0,
+        le=1e11,
+        description="When the provider started it (epoch s); default: now (server clock).",
     )
-    registered_at: float | None = None
+    registered_at: float | None = Field(default=None, ge=0, le=1e11)
     terminated: bool = False
     termination_reason: str | None = Field(default=None, max_length=2000)
 
@@ -186,9 +189,12 @@ class ClusterPodList(BaseModel):
 class WaitsRequest(BaseModel):
     """The manager's reason each pending job waits; replaces the org's previous reasons."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}
 
-    reasons: dict[str, str] = Field(description="job id → why no pod runs it yet.")
+    reasons: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=200)],
+        Annotated[str, StringConstraints(max_length=2000)],
+    ] = Field(max_length=10_000, description="job id → why no pod runs it yet.")
     ttl_s: float = Field(default=60, gt=0, le=3600, description="Shown for this long.")
 
 
