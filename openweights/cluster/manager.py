@@ -297,12 +297,9 @@ class ClusterManager:
         pods = [p for p in self.provider.list() if p.name.startswith(self.prefix)]
         for pod in pods:  # adopted or just listed: its row has the provider's own price
             if pod.id not in self._recorded and pod.status not in ("exited", "terminated"):
-                extra = {}
+                extra: dict[str, Any] = {"token_id": self._token_id(pod.name)}
                 if pod.name in self._unsure:  # the launch that timed out did start it
-                    extra = {
-                        "token_id": self._tokens.get(pod.name),
-                        "job_id": self._unsure[pod.name][1],
-                    }
+                    extra["job_id"] = self._unsure[pod.name][1]
                     logger.info("pod %s started after all; adopting it", pod.name)
                 if self._record(pod, launched_at=pod.created_at, **extra):
                     self._recorded.add(pod.id)
@@ -667,6 +664,18 @@ class ClusterManager:
         self._recorded.discard(pod.id)
         self._registered.discard(pod.id)
         report.terminated.append(f"{pod.name} ({reason})")
+
+    def _token_id(self, name: str) -> str | None:
+        """The worker token made for this pod (by a previous manager, for an adopted one)."""
+        if name not in self._tokens:
+            try:
+                tokens = self.http.request("GET", "/v1/tokens").json()["data"]
+            except (APIConnectionError, APIStatusError):
+                return None
+            for t in tokens:
+                if t["name"] == name and t.get("kind") == "worker" and not t.get("revoked_at"):
+                    self._tokens[name] = t["id"]
+        return self._tokens.get(name)
 
     def _revoke_token(self, name: str) -> None:
         token_id = self._tokens.pop(name, None)
