@@ -284,9 +284,9 @@ def fits(job: dict, worker: dict) -> bool:
 def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) -> str:
     """Why a pending job waits: the live workers' view, then the cluster manager's when one
     runs for the org (spend cap, cooldown, no hardware, a pod booting for it)."""
-    from openweights.store.cluster import wait_reason
-
-    manager = wait_reason(conn, job["org_id"], job["id"], now)
+    manager = conn.execute(
+        query(conn, "wait_reason"), {"org_id": job["org_id"], "job_id": job["id"], "now": now}
+    ).scalar()
     reason = _workers_reason(conn, job, now, offline_s, managed=manager is not None)
     return f"{reason} Cluster manager: {manager}." if manager else reason
 

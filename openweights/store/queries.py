@@ -74,6 +74,11 @@ RETURNING pk
 SELECT id, hardware_type, vram_gb, docker_image, any_hardware, current_run_id
 FROM workers WHERE org_id = :org_id AND status = 'active' AND last_seen_at >= :since
 
+-- wait_reason --
+-- The cluster manager's live reason a pending job waits (spend cap, cooldown, a pod booting...).
+SELECT reason FROM cluster_waits
+WHERE org_id = :org_id AND job_id = :job_id AND expires_at >= :now
+
 -- jobs_ahead --
 -- How many pending jobs of an org were queued before a time.
 SELECT count(*) FROM jobs WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at
