@@ -353,6 +353,20 @@ def test_every_error_is_json_with_a_message(server, api):
     assert r.status_code == 422 and r.json()["error"]["param"] == "requires_vram_gb"
 
 
+def test_ids_and_offsets_beyond_64_bits_are_refused_naming_the_parameter(api):
+    """Found by schemathesis: a 27-digit run id reached the driver and overflowed (a 500)."""
+    huge = 585601608322307290451410944
+    for r, param in [
+        (api.post(f"/v1/runs/{huge}/events", json={"events": [{"data": {}}]}), "run_id"),
+        (api.post(f"/v1/runs/{huge}/complete", json={"status": "completed"}), "run_id"),
+        (api.get(f"/v1/runs/{huge}"), "run_id"),
+        (api.get("/v1/events", params={"run_id": huge}), "run_id"),
+        (api.get("/v1/events", params={"job_id": "x", "after": huge}), "after"),
+    ]:
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param
+
+
 def test_find_matches_validated_params(api):
     api.post(
         "/v1/jobs",

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from openweights import types as t
@@ -20,6 +21,11 @@ from openweights.store import files as fstore
 from openweights.store import jobs as q
 from openweights.store.errors import Fenced, Invalid
 from openweights.store.orgs import Principal
+
+#: Ids and byte offsets are 64-bit integers in the database: a bigger number is refused here
+#: (422 naming the parameter), never passed to the driver (an overflow there was a 500).
+BIGINT_MAX = 2**63 - 1
+RunId = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="A run's id.")]
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 MAX_LOG_CHUNK = 8 << 20
@@ -159,7 +165,7 @@ async def claim_loop(
 
 @router.get("/runs/{run_id}", response_model=t.RunObject, tags=["runs"])
 async def retrieve_run(
-    run_id: int, request: Request, p: Principal = Depends(principal)
+    run_id: RunId, request: Request, p: Principal = Depends(principal)
 ) -> t.RunObject:
     state = request.app.state.ow
 
@@ -172,7 +178,7 @@ async def retrieve_run(
 
 @router.post("/runs/{run_id}/heartbeat", response_model=t.HeartbeatResponse, tags=["runs"])
 async def heartbeat(
-    run_id: int, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)
+    run_id: RunId, body: t.HeartbeatRequest, request: Request, p: Principal = Depends(principal)
 ) -> t.HeartbeatResponse:
     """Renew the lease now; then wait up to `wait_s` and answer early when the job is canceled."""
     return await heartbeat_run(request.app.state.ow, p, run_id, body.wait_s)
@@ -207,7 +213,10 @@ async def heartbeat_run(state, p: Principal, run_id: int, wait_s: float) -> t.He
 
 @router.post("/runs/{run_id}/logs", tags=["runs"])
 async def append_log(
-    run_id: int, request: Request, offset: int = Query(ge=0), p: Principal = Depends(principal)
+    run_id: RunId,
+    request: Request,
+    offset: int = Query(ge=0, le=BIGINT_MAX),
+    p: Principal = Depends(principal),
 ) -> dict:
     """Append bytes at `offset` of the run's log; a resent chunk is not duplicated."""
     require(p, "user", "worker")
@@ -236,9 +245,9 @@ async def append_log(
     responses={200: {"content": {"text/plain": {}}}},
 )
 async def read_log(
-    run_id: int,
+    run_id: RunId,
     request: Request,
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=BIGINT_MAX),
     follow: bool = False,
     p: Principal = Depends(principal),
 ):
@@ -286,7 +295,7 @@ async def read_log(
 
 @router.post("/runs/{run_id}/events", tags=["runs"])
 async def add_events(
-    run_id: int, body: t.EventsCreate, request: Request, p: Principal = Depends(principal)
+    run_id: RunId, body: t.EventsCreate, request: Request, p: Principal = Depends(principal)
 ) -> dict:
     """Append events to a live run (`ow.run.log`, metrics, uploads)."""
     state = request.app.state.ow
@@ -306,8 +315,8 @@ async def add_events(
 async def list_events(
     request: Request,
     job_id: str | None = None,
-    run_id: int | None = None,
-    after: int | None = None,
+    run_id: int | None = Query(default=None, ge=1, le=BIGINT_MAX),
+    after: int | None = Query(default=None, ge=0, le=BIGINT_MAX),
     limit: int = Query(default=1000, ge=1, le=10_000),
     p: Principal = Depends(principal),
 ) -> t.Page[t.EventObject]:
@@ -326,7 +335,7 @@ async def list_events(
 
 @router.post("/runs/{run_id}/complete", response_model=t.RunObject, tags=["runs"])
 async def complete_run(
-    run_id: int, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)
+    run_id: RunId, body: t.RunCompleteRequest, request: Request, p: Principal = Depends(principal)
 ) -> t.RunObject:
     """The worker's final word on a run. A resend of the same status is answered the same."""
     return await complete(request.app.state.ow, p, run_id, body.status, body.exit_code, body.error)
