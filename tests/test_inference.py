@@ -175,6 +175,27 @@ def test_prefill_starts_each_answer_and_a_trailing_assistant_message_is_continue
     assert texts[4].endswith("<|im_start|>assistant\n<response>ap")  # its own start, no prefill
 
 
+def test_a_sampled_pad_token_is_kept_without_stop_strings(tiny_model):
+    """The engine trims trailing pad tokens only where stop strings pad a finished sequence; a
+    pad token the model sampled last (p ~ 1/369 per token here) used to make a
+    min_tokens=max_tokens row one token short (a ~6 % flake of the SIGKILL retry test)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openweights.jobs.inference.engines import Prompt, TransformersEngine
+    from openweights.jobs.inference.params import InferenceConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    kw = {"model": str(tiny_model), "input_file_id": "conversations:file-x", "max_tokens": 4}
+    prompt = Prompt(index=0, line=1, ids=[5, 6, 7])
+    ids = torch.tensor([9, 10, 11, tok.pad_token_id])
+    plain = TransformersEngine(model, tok, InferenceConfig(**kw), device="cpu")
+    assert plain._finish(prompt, ids, None)["completion_tokens"] == 4
+    stopped = TransformersEngine(model, tok, InferenceConfig(**kw, stop=["zz"]), device="cpu")
+    assert stopped._finish(prompt, ids, None)["completion_tokens"] == 3  # padding after a stop
+
+
 def test_same_seed_same_samples_and_stop_string_rule(tiny_model):
     from openweights.jobs.inference.engines import _first_stop, render_prompts
 

@@ -283,8 +283,10 @@ class TransformersEngine:
                 break
         else:
             # a sequence a stop string ended is padded to the batch's length; the cut below
-            # finds the stop string itself
-            while count and ids[count - 1] == self.pad_id:
+            # finds the stop string itself. Without stop strings nothing pads a sequence that
+            # has no EOS, and a pad token the model sampled is part of its answer (trimming it
+            # made min_tokens=max_tokens rows one token short now and then).
+            while cfg.stop and count and ids[count - 1] == self.pad_id:
                 count -= 1
         text = self.tokenizer.decode(ids[:count], skip_special_tokens=True)
         if cfg.stop:
