@@ -53,6 +53,21 @@ async def cluster_state(
         await state.notifier.wait(ev, min(remaining, 2.0))
 
 
+def _retry_race(state, fn, race: type[Exception], what: str, tries: int = 3):
+    """`fn(conn)` in a write transaction, again in a new one when it lost an insert `race`."""
+
+    def work():
+        for _ in range(tries):
+            try:
+                with state.db.write() as conn:
+                    return fn(conn)
+            except race:
+                continue
+        raise Invalid(f"Could not {what}; try again.")
+
+    return work
+
+
 @router.post("/lease", response_model=ct.LeaseObject)
 async def acquire_lease(
     body: ct.LeaseRequest, request: Request, p: Principal = Depends(principal)
@@ -61,18 +76,12 @@ async def acquire_lease(
     require(p, "user")
     state = request.app.state.ow
 
-    def work():
-        for _ in range(3):
-            try:
-                with state.db.write() as conn:
-                    return cq.acquire_lease(
-                        conn, p.org_id, body.holder, body.ttl_s, state.db.now(conn)
-                    )
-            except cq.LeaseRace:
-                continue  # another manager created the row first: read it in a new transaction
-        raise Invalid("Could not take the manager lease; try again.")
+    def work(conn):
+        return cq.acquire_lease(conn, p.org_id, body.holder, body.ttl_s, state.db.now(conn))
 
-    return ct.LeaseObject(**await state.call(work))
+    # a race: another manager created the row first; read it in a new transaction
+    row = await state.call(_retry_race(state, work, cq.LeaseRace, "take the manager lease"))
+    return ct.LeaseObject(**row)
 
 
 @router.post("/lease/release", response_model=ct.LeaseObject)
@@ -196,18 +205,12 @@ async def record_pod(
     require(p, "user")
     state = request.app.state.ow
 
-    def work():
-        for _ in range(3):
-            try:
-                with state.db.write() as conn:
-                    now = state.db.now(conn)
-                    row = cq.record_pod(conn, p.org_id, body.model_dump(), now)
-                    return cq.list_pods_row(row, now)
-            except cq.PodRace:
-                continue  # recorded by another call first: complete that row
-        raise Invalid("Could not record the pod; try again.")
+    def work(conn):
+        now = state.db.now(conn)
+        return cq.list_pods_row(cq.record_pod(conn, p.org_id, body.model_dump(), now), now)
 
-    return ct.ClusterPod(**await state.call(work))
+    # a race: another call recorded the pod first; complete that row in a new transaction
+    return ct.ClusterPod(**await state.call(_retry_race(state, work, cq.PodRace, "record the pod")))
 
 
 @router.get("/pods", response_model=ct.ClusterPodList)
