@@ -77,9 +77,12 @@ def sequential_floor(url: str, path: str, token: str | None, n: int, warmup: int
 # -- 2. pending job -> claimed by an idle long-polling worker ---------------------------------
 
 
-def claim_latency(url: str, token: str, n: int, warmup: int = 10, idle_s: float = 0.03) -> dict:
+def claim_latency(
+    url: str, token: str, n: int, warmup: int = 10, idle_s: float = 0.03, fused: bool = True
+) -> dict:
     """A worker thread long-polls claim(wait_s=30); the main thread creates a job and we time
-    from just before the create request is sent to the claim response arriving."""
+    from just before the create request is sent to the claim response arriving. With `fused`
+    (what `ow worker` does) each claim carries the previous run's completion as `done`."""
     tag = uuid.uuid4().hex[:8]
     with client(url, token) as main:
         r = main.post("/v1/workers", json={**WORKER, "name": "bench-latency"})
@@ -90,15 +93,19 @@ def claim_latency(url: str, token: str, n: int, warmup: int = 10, idle_s: float 
         stop = threading.Event()
 
         def worker() -> None:
+            done: dict | None = None
             with client(url, token) as c:
                 while True:
                     ready.put(perf_counter())
+                    req: dict = {"wait_s": 30} if done is None else {"wait_s": 30, "done": done}
                     try:
-                        r = c.post(f"/v1/workers/{wid}/claim", json={"wait_s": 30})
+                        r = c.post(f"/v1/workers/{wid}/claim", json=req)
                     except httpx.HTTPError as e:
                         got.put((perf_counter(), None, repr(e)))
                         return
                     t = perf_counter()
+                    if r.status_code in (200, 204):
+                        done = None
                     if r.status_code == 204:
                         got.put((t, None, "204"))
                     elif r.status_code != 200:
@@ -107,6 +114,9 @@ def claim_latency(url: str, token: str, n: int, warmup: int = 10, idle_s: float 
                     else:
                         body = r.json()
                         got.put((t, body, None))
+                        if fused:
+                            done = {"run_id": body["run"]["id"], **COMPLETE}
+                            continue
                         rc = c.post(f"/v1/runs/{body['run']['id']}/complete", json=COMPLETE)
                         if rc.status_code != 200:
                             got.put(
@@ -201,12 +211,20 @@ def db_job_states(db_url: str, ids: set[str]) -> dict[str, tuple[str, int, int]]
 
 
 def claim_throughput(
-    srv: Server, db_url: str, token: str, workers: int, n_jobs: int, phase_s: float = 0.4
+    srv: Server,
+    db_url: str,
+    token: str,
+    workers: int,
+    n_jobs: int,
+    phase_s: float = 0.4,
+    fused: bool = True,
 ) -> dict:
     """W worker threads drain `n_jobs` pending jobs (claim(wait_s=0) -> complete), in phases of
     `phase_s` that alternate with phases in which the same threads, on the same clients and
     connections, GET /health: the floor is measured interleaved with the series, under the
-    same load of the machine, with the same client concurrency. Phases never overlap (barriers)."""
+    same load of the machine, with the same client concurrency. Phases never overlap (barriers).
+    With `fused` (what `ow worker` does) a run's completion rides with the worker's next claim
+    (`done`): one request per job; without, each job is a claim and a complete request."""
     url = srv.url
     tag = uuid.uuid4().hex[:8]
     ids, create_s = create_jobs(url, token, n_jobs, tag)
@@ -231,6 +249,7 @@ def claim_throughput(
     total = [0]
     total_lock = threading.Lock()
     give_up_at = [perf_counter() + 300]
+    pending_done: list[dict | None] = [None] * workers  # the completion the next claim carries
 
     def drained() -> bool:
         with total_lock:
@@ -239,9 +258,14 @@ def claim_throughput(
     def claims(k: int, c: httpx.Client) -> None:
         while perf_counter() < phase_end[0]:
             a = perf_counter()
-            r = c.post(f"/v1/workers/{wids[k]}/claim", json={"wait_s": 0})
+            req: dict = {"wait_s": 0}
+            if pending_done[k] is not None:
+                req["done"] = pending_done[k]
+            r = c.post(f"/v1/workers/{wids[k]}/claim", json=req)
             b = perf_counter()
             requests[k] += 1
+            if r.status_code in (200, 204):
+                pending_done[k] = None
             if r.status_code == 204:
                 # "Nothing pending" is only believed once every job of the batch was claimed:
                 # an empty answer while jobs are still pending is counted, and retried.
@@ -257,6 +281,9 @@ def claim_throughput(
                 total[0] += 1
             claimed[k].append(body["job"]["id"])
             claim_lat[k].append(b - a)
+            if fused:
+                pending_done[k] = {"run_id": body["run"]["id"], **COMPLETE}
+                continue
             rc = c.post(f"/v1/runs/{body['run']['id']}/complete", json=COMPLETE)
             complete_lat[k].append(perf_counter() - b)
             requests[k] += 1
@@ -269,6 +296,11 @@ def claim_throughput(
             while True:
                 go.wait()
                 if phase[0] == "stop":
+                    if pending_done[k] is not None:  # not timed: the batch is drained
+                        d = pending_done[k]
+                        rc = c.post(f"/v1/runs/{d['run_id']}/complete", json=COMPLETE)
+                        if rc.status_code != 200:
+                            errors.append(f"complete {rc.status_code} {rc.text[:200]}")
                     return
                 if phase[0] == "health":
                     while perf_counter() < phase_end[0]:
@@ -318,6 +350,7 @@ def claim_throughput(
     health_rps = n_health / h_wall if h_wall else None
     return {
         "workers": workers,
+        "completion": "with the next claim" if fused else "separate request",
         "phases": phases,
         "phase_s": phase_s,
         # the floor of this run: the same threads GET /health in the phases between
@@ -531,6 +564,8 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
     raw_jobs = args.raw_jobs or DEFAULT_RAW_JOBS[name]
     t_start = perf_counter()
     res: dict = {"backend": name, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    fused = args.complete == "with-claim"
+    res["completion"] = "with the next claim" if fused else "separate request"
     phases: dict[str, float] = {}
     res["phase_s"] = phases
     mark = [perf_counter()]
@@ -567,7 +602,7 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
             }
             lap("floor")
             log(f"{name}: claim latency ({args.latency_n} jobs)")
-            lat = claim_latency(srv.url, token, args.latency_n)
+            lat = claim_latency(srv.url, token, args.latency_n, fused=fused)
             h50, m50 = res["floor"]["health"]["p50_ms"], res["floor"]["me"]["p50_ms"]
             # the target's ratio: against the /health round trips interleaved with the samples
             lat["ratio_p50_vs_interleaved_health_p50"] = ratio(
@@ -585,7 +620,7 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
             res["throughput"] = {}
             for w in args.workers:
                 log(f"{name}: claim throughput, {w} worker(s), {n_jobs} jobs")
-                tp = claim_throughput(srv, db_url, token, w, n_jobs, args.phase_s)
+                tp = claim_throughput(srv, db_url, token, w, n_jobs, args.phase_s, fused=fused)
                 floor_1 = res["floor"]["health"]["req_per_s"]
                 floor_w = tp["floor_interleaved"]["req_per_s"]  # same threads, same run
                 tp["ratio_claims_vs_health_rps_1client"] = ratio(tp["claims_per_s"], floor_1)
@@ -882,6 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="runs per backend (a fresh server each); medians and spread of the ratios are printed",
+    )
+    ap.add_argument(
+        "--complete",
+        choices=["with-claim", "separate"],
+        default="with-claim",
+        help="how a worker reports a run's end: with its next claim (`done`, what `ow worker` "
+        "does: one request per job) or as its own POST /v1/runs/{id}/complete",
     )
     ap.add_argument("--no-startup", action="store_true", help="skip the import / CLI timings")
     ap.add_argument("--startup-only", action="store_true", help="only the import / CLI timings")

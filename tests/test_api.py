@@ -124,6 +124,60 @@ def test_long_poll_claim_wakes_when_a_job_arrives(api):
     )
 
 
+@pytest.mark.parametrize("route", ["fast", "fastapi"])
+def test_claim_carries_the_previous_runs_completion(api, route):
+    """One round trip per job: a claim's `done` completes the worker's last run first; when
+    `done` is refused, the error names it and nothing is claimed. Both the fast path and the
+    FastAPI route (a query string sends it there) answer alike."""
+    qs = "" if route == "fast" else "?via=fastapi"
+    w = register(api)
+    a = api.post("/v1/jobs", json=job_body(script=f"echo a-{route}")).json()
+    b = api.post("/v1/jobs", json=job_body(script=f"echo b-{route}")).json()
+    first = claim(api, w, wait_s=0)
+    assert first["job"]["id"] == a["id"]
+    done = {"run_id": first["run"]["id"], "status": "completed", "exit_code": 0}
+    r = api.post(f"/v1/workers/{w}/claim{qs}", json={"wait_s": 0, "done": done})
+    assert r.status_code == 200, r.text
+    second = r.json()
+    assert second["job"]["id"] == b["id"]
+    assert api.get(f"/v1/jobs/{a['id']}").json()["status"] == "completed"
+    assert api.get(f"/v1/runs/{first['run']['id']}").json()["status"] == "completed"
+
+    # a resend of the same completion is answered the same (a retry after a lost answer)
+    r = api.post(f"/v1/workers/{w}/claim{qs}", json={"wait_s": 0, "done": done})
+    assert r.status_code == 204, r.text
+
+    # a different word on an ended run: 409 naming `done`; the pending job stays pending
+    c = api.post("/v1/jobs", json=job_body(script=f"echo c-{route}")).json()
+    r = api.post(
+        f"/v1/workers/{w}/claim{qs}",
+        json={"wait_s": 0, "done": {**done, "status": "failed", "exit_code": 1}},
+    )
+    assert r.status_code == 409 and r.json()["error"]["param"] == "done", r.text
+    assert api.get(f"/v1/jobs/{c['id']}").json()["status"] == "pending"
+    # a run that does not exist: 404 naming `done.run_id`
+    r = api.post(
+        f"/v1/workers/{w}/claim{qs}", json={"wait_s": 0, "done": {**done, "run_id": 10**12}}
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "done.run_id", r.text
+    # a malformed `done`: 422 naming the field; still nothing claimed
+    r = api.post(
+        f"/v1/workers/{w}/claim{qs}", json={"wait_s": 0, "done": {**done, "status": "great"}}
+    )
+    assert r.status_code == 422 and "done" in r.json()["error"]["param"], r.text
+    assert api.get(f"/v1/jobs/{c['id']}").json()["status"] == "pending"
+    # completing the second run with the claim that takes the third
+    r = api.post(
+        f"/v1/workers/{w}/claim{qs}",
+        json={
+            "wait_s": 0,
+            "done": {"run_id": second["run"]["id"], "status": "failed", "exit_code": 2},
+        },
+    )
+    assert r.status_code == 200 and r.json()["job"]["id"] == c["id"], r.text
+    assert api.get(f"/v1/jobs/{b['id']}").json()["status"] == "failed"
+
+
 def test_lost_lease_requeues_then_fences_the_old_run(api):
     w1, w2 = register(api), register(api)
     job = api.post("/v1/jobs", json=job_body(script="echo lease")).json()

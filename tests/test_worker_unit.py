@@ -56,8 +56,10 @@ def wait_until(
 
 
 # ---- fake server --------------------------------------------------------------------------------
-def _error(status: int, message: str, type_: str = "error") -> httpx.Response:
-    body = {"error": {"type": type_, "message": message, "param": None}}
+def _error(
+    status: int, message: str, type_: str = "error", param: str | None = None
+) -> httpx.Response:
+    body = {"error": {"type": type_, "message": message, "param": param}}
     return httpx.Response(status, json=body)
 
 
@@ -83,6 +85,8 @@ class FakeServer:
         self.heartbeats = 0
         self.shutdowns = 0
         self.register_failures = 0
+        self.refuse_done = False  # answer a claim's `done` with 409 (another attempt won)
+        self.claim_failures = 0  # claims answered with a dropped connection, after the first
         self.token_on_register: str | None = None
         self.transport = httpx.MockTransport(self.handle)
 
@@ -103,7 +107,16 @@ class FakeServer:
                 raise httpx.ConnectError("connection refused", request=request)
             return httpx.Response(200, json=_worker_json() | {"token": self.token_on_register})
         if m := re.fullmatch(r"/v1/workers/(\w+)/claim", path):
-            wait_s = json.loads(request.content)["wait_s"]
+            body = json.loads(request.content)
+            wait_s = body["wait_s"]
+            if self.claim_failures > 0 and self.calls_to("/claim") > 1:
+                self.claim_failures -= 1
+                raise httpx.ConnectError("connection reset", request=request)
+            if "done" in body:  # the previous run's completion rides with the claim
+                if self.fence or self.refuse_done:
+                    return _error(409, "fenced", "fenced", param="done")
+                with self.lock:
+                    self.completes.append({k: v for k, v in body["done"].items() if k != "run_id"})
             self.claim_ready.wait(wait_s)
             with self.lock:
                 if self.claims:
@@ -673,6 +686,53 @@ def test_stop_lets_a_short_job_finish_within_grace(tmp_path: Path, fake: FakeSer
     stopper.join()
     assert fake.completes == [{"status": "completed", "exit_code": 0, "error": None}]
     assert b"finished" in fake.log
+
+
+def test_a_completion_rides_with_the_next_claim(tmp_path: Path, fake: FakeServer) -> None:
+    """One round trip per job: a worker that goes on claiming tells the server how its last run
+    ended in that claim's `done`, not in a separate `POST /v1/runs/{id}/complete`."""
+    fake.add_claim(make_claim("echo one"))
+    fake.add_claim(make_claim("exit 4", run_id=8))
+    worker = make_worker(fake, tmp_path, idle_exit_s=1.0, max_jobs=None)
+    assert worker.run() == 0
+    assert fake.calls_to("/complete") == 0
+    assert [c["status"] for c in fake.completes] == ["completed", "failed"]
+    assert [r.accepted for r in worker.results] == [True, True]
+    assert [r.deferred.run_id for r in worker.results if r.deferred] == [7, 8]
+
+
+def test_a_refused_done_marks_the_run_fenced_and_claiming_goes_on(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    fake.refuse_done = True
+    fake.add_claim(make_claim("echo one"))
+    worker = make_worker(fake, tmp_path, idle_exit_s=0.5, max_jobs=None)
+    assert worker.run() == 0
+    assert worker.results[0].fenced and not worker.results[0].accepted
+    assert fake.completes == [] and fake.calls_to("/complete") == 0
+    assert fake.calls_to("/claim") >= 3  # it claimed again after the refusal
+
+
+def test_a_stopping_worker_reports_an_untold_completion_itself(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The claim carrying `done` never reaches the server; the worker stops: it posts the
+    completion on its own before it goes."""
+    fake.claim_failures = 1000
+    fake.add_claim(make_claim("echo one"))
+    worker = make_worker(fake, tmp_path, max_jobs=None)
+    stopper = threading.Thread(
+        target=lambda: (
+            wait_until(lambda: fake.calls_to("/claim") >= 2, 10, "a failed claim with done"),
+            worker.request_stop("test"),
+        )
+    )
+    stopper.start()
+    assert worker.run() == 0
+    stopper.join()
+    assert fake.calls_to("/complete") == 1
+    assert fake.completes == [{"status": "completed", "exit_code": 0, "error": None}]
+    assert worker.results[0].accepted
 
 
 def test_worker_exits_when_idle_and_survives_an_unreachable_server(

@@ -229,12 +229,15 @@ class FastPath:
             return None
         return self.state.auth_cache.get(orgs.hash_token(secret), time.monotonic())
 
-    async def _claim(self, ident: str, wait_s: float, p: Principal, receive, send) -> None:
+    async def _claim(self, ident: str, args: tuple, p: Principal, receive, send) -> None:
         from openweights.server.routes import runs
 
+        wait_s, done = args
         gone = _Disconnect(receive)
         try:
-            out = await runs.claim_loop(self.state, p, ident, wait_s, gone.check, gone.event)
+            out = await runs.claim_loop(
+                self.state, p, ident, wait_s, gone.check, gone.event, done=done
+            )
         finally:
             gone.stop()
         if out is None:
@@ -272,10 +275,24 @@ def _create_args(body: dict) -> Any:
     return t.JobCreateParams.model_validate(body)  # a ValidationError is a ValueError
 
 
-def _claim_args(body: dict) -> float:
-    if body.keys() - {"wait_s"}:
+def _claim_args(body: dict) -> tuple[float, Any]:
+    if body.keys() - {"wait_s", "done"}:
         raise _Fallback  # the model ignores extra keys: leave such a body to it
-    return _number(body, "wait_s", 30.0, 300)
+    done = body.get("done")
+    if done is not None:
+        from openweights import types as t
+
+        if type(done) is not dict:
+            raise _Fallback
+        run_id = done.get("run_id")
+        if type(run_id) is not int or not 1 <= run_id < 2**63:
+            raise _Fallback
+        rest = {k: v for k, v in done.items() if k != "run_id"}
+        status, exit_code, error = _complete_args(rest)
+        done = t.RunDone.model_construct(
+            run_id=run_id, status=status, exit_code=exit_code, error=error
+        )
+    return _number(body, "wait_s", 30.0, 300), done
 
 
 def _heartbeat_args(body: dict) -> float:

@@ -137,6 +137,9 @@ class Worker:
         self._stop_reason = ""
         self._shutdown_sent = False
         self._current: RunSupervisor | None = None
+        # The last run, when its completion rides with the next claim (`ClaimRequest.done`).
+        self._done: RunResult | None = None
+        self._done_deadline = 0.0
         # Capped low: after a server restart the worker is back within seconds.
         self._claim_backoff = Backoff(initial_s=0.5, max_s=10.0)
 
@@ -257,8 +260,10 @@ class Worker:
 
     # ---- claiming -----------------------------------------------------------------------------
     def _claim(self, wait_s: float) -> ClaimResponse | None:
-        """Long-poll for a job in a helper thread, so a signal is acted on at once."""
-        call = _BackgroundCall(self._claim_once, wait_s, on_done=self._wake.set)
+        """Long-poll for a job in a helper thread, so a signal is acted on at once. The claim
+        carries the last run's completion, if it is still to be told."""
+        done = self._done
+        call = _BackgroundCall(self._claim_once, wait_s, done, on_done=self._wake.set)
         while not call.done.is_set():
             self._wake.wait()
             self._wake.clear()
@@ -269,46 +274,105 @@ class Worker:
                 if not call.done.wait(_STOP_CLAIM_JOIN_S):
                     return None  # still long-polling: its daemon thread dies with the process
                 try:
-                    late = call.get()
+                    late, settled = call.get()
                 except Exception:
                     return None
+                if settled:
+                    self._done = None
                 if late is not None:
                     self._give_back(late, "worker stopped while claiming")
                 return None
-        claim = call.get()
+        claim, settled = call.get()
+        if settled:
+            self._done = None
         if claim is not None and self._stop.is_set():
             self._give_back(claim, "worker stopped while claiming")
             return None
         return claim
 
-    def _claim_once(self, wait_s: float) -> ClaimResponse | None:
+    def _claim_once(
+        self, wait_s: float, done: RunResult | None
+    ) -> tuple[ClaimResponse | None, bool]:
+        """(the claim or None, whether `done` is settled: taken, refused, or given up on)."""
         assert self.worker is not None
+        body: dict[str, Any] = {"wait_s": wait_s}
+        if done is not None and done.deferred is not None:
+            body["done"] = done.deferred.model_dump()
         try:
             response = self.http.request(
                 "POST",
                 f"/v1/workers/{self.worker.id}/claim",
-                json={"wait_s": wait_s},
+                json=body,
                 timeout_s=wait_s + _CLAIM_HTTP_MARGIN_S,
                 retry=False,
             )
         except (APIConnectionError, InternalServerError, RateLimitError) as e:
             self._claim_failed(e)
-            return None
-        except (AuthenticationError, PermissionDeniedError) as e:
+            return None, self._done_expired(done)
+        except APIStatusError as e:
+            if done is not None and (e.param or "").split(".")[0] == "done":
+                self._done_refused(done, e)
+                return None, True
+            self._claim_refused(e)
+            return None, done is None
+        self._claim_backoff.reset()
+        if done is not None:
+            done.accepted = True
+        if response.status_code == 204:
+            return None, True
+        return ClaimResponse.model_validate(response.json()), True
+
+    def _claim_refused(self, e: APIStatusError) -> None:
+        if isinstance(e, (AuthenticationError, PermissionDeniedError)):
             raise _FatalError(f"the server refused the worker token: {e.message}", EXIT_AUTH) from e
-        except NotFoundError as e:
+        if isinstance(e, NotFoundError):
             raise _Reregister() from e
-        except ConflictError as e:
+        if isinstance(e, ConflictError):
             # The server shut this worker down (e.g. the cluster manager scaled it in).
             self.request_stop(f"server refused claims: {e.message}")
-            return None
-        except APIStatusError as e:
+        else:
             self._claim_failed(e)
-            return None
-        self._claim_backoff.reset()
-        if response.status_code == 204:
-            return None
-        return ClaimResponse.model_validate(response.json())
+
+    def _done_refused(self, done: RunResult, error: APIStatusError) -> None:
+        if isinstance(error, ConflictError):
+            logger.warning(
+                "run %s: completion refused (409): another attempt owns the job", done.run_id
+            )
+            done.fenced = True
+        else:
+            logger.error("run %s: completion rejected: %s", done.run_id, error)
+        done.infra_failure = True
+
+    def _done_expired(self, done: RunResult | None) -> bool:
+        """Whether to stop telling the server `done` (its lease requeues the job instead)."""
+        if done is None or time.monotonic() < self._done_deadline:
+            return done is None
+        logger.error(
+            "run %s: could not report %s; the lease will requeue the job", done.run_id, done.status
+        )
+        done.infra_failure = True
+        return True
+
+    def _flush_done(self) -> None:
+        """Tell the server the last run's completion on its own (the worker claims no more)."""
+        done, self._done = self._done, None
+        if done is None or done.deferred is None:
+            return
+        body = done.deferred.model_dump(exclude={"run_id"})
+        try:
+            self.http.request(
+                "POST", f"/v1/runs/{done.run_id}/complete", json=body, timeout_s=30, retry=True
+            )
+            done.accepted = True
+        except ConflictError as e:
+            self._done_refused(done, e)
+        except (APIConnectionError, APIStatusError) as e:
+            logger.warning(
+                "run %s: could not report %s (%s); its lease will requeue the job",
+                done.run_id,
+                done.status,
+                e,
+            )
 
     def _claim_failed(self, error: Exception) -> None:
         delay = self._claim_backoff.next_delay_s()
@@ -336,6 +400,8 @@ class Worker:
             base_env=dict(os.environ),
             worker_tokens=tuple(self._tokens),
             transport=self._transport,
+            # the next claim carries this run's completion, unless this is the last job
+            defer_complete=self.max_jobs is None or self.jobs_done + 1 < self.max_jobs,
         )
         # `_wake` is not cleared here: a stop that raced with the claim must still be seen.
         supervisor = RunSupervisor(self.http, claim, options, RunControl(self._wake, self._stop))
@@ -346,6 +412,9 @@ class Worker:
             self._current = None
         self.jobs_done += 1
         self.results.append(result)
+        if result.deferred is not None:
+            self._done = result
+            self._done_deadline = time.monotonic() + options.finalize_timeout_s
         self._count_failure(result)
 
     def _count_failure(self, result: RunResult) -> None:
@@ -406,6 +475,7 @@ class Worker:
 
     def _shutdown(self) -> None:
         self._stop.set()
+        self._flush_done()
         self._post_shutdown()
         self.http.close()
         if self._own_workdir and self.workdir is not None and not self.keep_run_dirs:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 import httpx
 
@@ -32,7 +32,7 @@ from openweights._exceptions import (
     RateLimitError,
 )
 from openweights.client._base import SyncHTTP
-from openweights.types import ClaimResponse, EventCreate, FileObject, RunCompleteRequest
+from openweights.types import ClaimResponse, EventCreate, FileObject, RunCompleteRequest, RunDone
 from openweights.worker._env import build_job_env
 from openweights.worker._heartbeat import Heartbeat, RunControl
 from openweights.worker._logship import LogShipper
@@ -79,6 +79,9 @@ class RunOptions:
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     worker_tokens: tuple[str, ...] = ()
     transport: httpx.BaseTransport | None = None
+    #: Hand the final status to the worker's next claim (`RunResult.deferred`, sent as the
+    #: claim's `done`) instead of posting it here: one round trip per job. Not when stopping.
+    defer_complete: bool = False
 
 
 @dataclass
@@ -94,6 +97,9 @@ class RunResult:
     fenced: bool = False
     infra_failure: bool = False
     duration_s: float = 0.0
+    #: The completion the worker's next claim carries (`RunOptions.defer_complete`); `accepted`
+    #: is set when the server has taken it.
+    deferred: RunDone | None = None
 
 
 class _Fenced(Exception):
@@ -156,6 +162,9 @@ class RunSupervisor:
                 outcome.error,
             )
             result.infra_failure = outcome.infra
+            if self.options.defer_complete and not self.control.stop.is_set():
+                result.deferred = RunDone(run_id=self.run_id, **self._complete_body(outcome))
+                return result
             result.accepted = self._complete(outcome)
             if not result.accepted:
                 result.fenced = self.control.fenced.is_set()
@@ -164,12 +173,15 @@ class RunSupervisor:
         finally:
             heartbeat.stop()
             result.duration_s = time.monotonic() - started
-            self._cleanup()
+            if result.deferred is None:
+                self._cleanup()
+            else:  # the completion must not wait for a big run directory to be deleted
+                threading.Thread(target=self._cleanup, name=f"cleanup-{self.run_id}").start()
             logger.info(
                 "run %s: done status=%s accepted=%s fenced=%s in %.1fs",
                 self.run_id,
                 result.status,
-                result.accepted,
+                "with the next claim" if result.deferred else result.accepted,
                 result.fenced,
                 result.duration_s,
                 extra={"action": "run_end", "status": result.status, **ids},
@@ -406,13 +418,17 @@ class RunSupervisor:
         raise AssertionError("unreachable")
 
     # ---- reporting ----------------------------------------------------------------------------
-    def _complete(self, outcome: _Outcome) -> bool:
-        """Report the final status; retry until accepted, fenced, or out of time."""
-        body = RunCompleteRequest(
+    @staticmethod
+    def _complete_body(outcome: _Outcome) -> dict[str, Any]:
+        return RunCompleteRequest(
             status=outcome.status,
             exit_code=outcome.exit_code,
             error=outcome.error[:10_000] if outcome.error else None,
         ).model_dump()
+
+    def _complete(self, outcome: _Outcome) -> bool:
+        """Report the final status; retry until accepted, fenced, or out of time."""
+        body = self._complete_body(outcome)
         deadline = time.monotonic() + self._finalize_budget_s()
         backoff = Backoff(initial_s=0.5, max_s=15.0)
         while True:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -19,7 +19,7 @@ from openweights.server.notify import Signal, job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store import jobs as q
-from openweights.store.errors import Fenced, Invalid
+from openweights.store.errors import Fenced, Invalid, StoreError
 from openweights.store.orgs import Principal
 
 #: Ids and byte offsets are 64-bit integers in the database: a bigger number is refused here
@@ -100,8 +100,12 @@ async def shutdown_worker(
 async def claim(
     worker_id: str, body: t.ClaimRequest, request: Request, p: Principal = Depends(principal)
 ):
-    """Long-poll for the oldest pending job that fits this worker; 204 when none came in time."""
-    out = await claim_loop(request.app.state.ow, p, worker_id, body.wait_s, request.is_disconnected)
+    """Long-poll for the oldest pending job that fits this worker; 204 when none came in time.
+    With `done`, the worker's previous run is completed first (as `POST /v1/runs/{id}/complete`
+    would): a worker needs one round trip per job."""
+    out = await claim_loop(
+        request.app.state.ow, p, worker_id, body.wait_s, request.is_disconnected, done=body.done
+    )
     return Response(status_code=204) if out is None else out
 
 
@@ -112,9 +116,11 @@ async def claim_loop(
     wait_s: float,
     is_disconnected: Callable[[], Awaitable[bool]],
     gone: Signal | None = None,
+    done: t.RunDone | None = None,
 ) -> t.ClaimResponse | None:
-    """The claim route (FastAPI's and `fast.FastPath`'s): claim, or park until a job for the
-    org is queued (or the worker is shut down, or the client leaves), then claim again."""
+    """The claim route (FastAPI's and `fast.FastPath`'s): complete the `done` run if any, then
+    claim, or park until a job for the org is queued (or the worker is shut down, or the client
+    leaves), then claim again."""
     require(p, "user", "worker")
     lease_s = state.settings.lease_s
     deadline = time.monotonic() + wait_s
@@ -137,7 +143,16 @@ async def claim_loop(
     while True:
         ev = state.notifier.event(org_key)
         stop_ev = state.notifier.event(f"worker:{worker_id}")  # shutdown ends the long-poll at once
-        result = await hot(state).run(attempt)
+        if done is not None:
+            # The last run's end first; without a log to store, in the claim's own transaction.
+            _run, result = await complete_then(
+                state, p, done.run_id, done.status, done.exit_code, done.error, attempt, "done"
+            )
+            done = None
+            if result is _NOT_RUN:
+                result = await hot(state).run(attempt)
+        else:
+            result = await hot(state).run(attempt)
         if result is not None:
             c, env = result
             state.notifier.notify(job_key(p.org_id, c.job["id"]))
@@ -345,6 +360,27 @@ async def complete(
     state, p: Principal, run_id: int, status: str, exit_code: int | None, error: str | None
 ) -> t.RunObject:
     """The complete route (FastAPI's and `fast.FastPath`'s)."""
+    run, _ = await complete_then(state, p, run_id, status, exit_code, error)
+    return convert.run(run)
+
+
+_NOT_RUN = object()
+
+
+async def complete_then(
+    state,
+    p: Principal,
+    run_id: int,
+    status: str,
+    exit_code: int | None,
+    error: str | None,
+    then: Callable[[Any], Any] | None = None,
+    param: str | None = None,
+) -> tuple[dict, Any]:
+    """Complete the run; then, in the same write transaction when the run has no log to store
+    (most short jobs), `then(conn)`: (the run, what `then` returned, or `_NOT_RUN` when it
+    did not run). The completion's own errors name `param` (a claim's `done`); an error of
+    `then` rolls the completion back with it."""
     require(p, "user", "worker")
 
     def finish(conn, run: dict, job: dict, now: float, sha: str, size: int) -> list[str]:
@@ -394,14 +430,19 @@ async def complete(
 
     def first(conn):
         # Most runs of short jobs have no log: one write transaction.
-        now = hot(state).now(conn)
-        run, job = live(conn, now)
-        if job is None:
-            return run, []
-        if not run["log_size"]:
-            sha = _empty_log(state)
-            return run, finish(conn, run, job, now, sha, 0)
-        return None  # a log: stored below, outside any write transaction
+        try:
+            now = hot(state).now(conn)
+            run, job = live(conn, now)
+            if job is None:
+                out = run, []
+            elif not run["log_size"]:
+                sha = _empty_log(state)
+                out = run, finish(conn, run, job, now, sha, 0)
+            else:
+                return None  # a log: stored below, outside any write transaction
+        except StoreError as e:
+            raise _named(e, param) from None
+        return (*out, _NOT_RUN if then is None else then(conn))
 
     def with_log():
         # A log is first written to the blob store outside any write transaction, which then
@@ -423,11 +464,21 @@ async def complete(
         await state.call(_empty_log, state)  # once per process: may write a blob
     out = await hot(state).run(first)
     if out is None:
-        out = await state.call(with_log)
-    run, keys = out
+        try:
+            out = (*await state.call(with_log), _NOT_RUN)
+        except StoreError as e:
+            raise _named(e, param) from None
+    run, keys, then_out = out
     if keys:
         state.notifier.notify(*keys, f"log:{run_id}")
-    return convert.run(run)
+    return run, then_out
+
+
+def _named(e: StoreError, param: str | None) -> StoreError:
+    """`e`, its parameter named as part of `param` (`done.run_id`)."""
+    if param is not None:
+        e.param = f"{param}.{e.param}" if e.param else param
+    return e
 
 
 _EMPTY_SHA = hashlib.sha256().hexdigest()
