@@ -20,37 +20,66 @@ from tests._infra import MotoS3, PostgresCluster
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_S = 3.0
 
-#: Modules that train, generate or serve with torch. Under `pytest -n 2 --dist loadgroup` (the
-#: default, see pyproject.toml) they all run on one xdist worker, one at a time (two torch
-#: processes on 2 cores slow each other far more than 2x), while the other worker takes the API,
-#: store, queue and cluster modules; every other module stays whole on one worker, in order.
-TORCH_MODULES = frozenset(
+#: Modules that run torch, in two groups. Under `pytest -n 2 --dist loadgroup` (the default, see
+#: pyproject.toml) each group runs whole on one xdist worker, its tests one at a time: two
+#: trainings at once on 2 cores slow each other far more than 2x, so every training module is in
+#: "torch"; the modules that generate or serve (their workers run torch on one thread) are in
+#: "serve", which runs beside it. One group of both was the suite's critical path: ~13 of its
+#: ~14 minutes, while the other worker idled for a third of them. Every other module stays whole
+#: on one worker, in order.
+TRAIN_MODULES = frozenset(
     {
-        "test_batches",
         "test_cookbook_ft",
-        "test_dashboard_deploy",
         "test_dashboard_training",
         "test_demo",
-        "test_deploy",
         "test_fine_tuning",
-        "test_gpu_serving",
         "test_hub_push",
-        "test_inference",
-        "test_inspect",
         "test_logprob",
         "test_models",
-        "test_openai_api",
-        "test_openai_inference",
         "test_weighted_sft",
     }
 )
+SERVE_MODULES = frozenset(
+    {
+        "test_batches",
+        "test_dashboard_deploy",
+        "test_deploy",
+        "test_gpu_serving",
+        "test_inference",
+        "test_inspect",
+        "test_openai_api",
+        "test_openai_inference",
+    }
+)
+TORCH_MODULES = TRAIN_MODULES | SERVE_MODULES
+
+
+def _group(module: str) -> str:
+    if module in TRAIN_MODULES:
+        return "torch"
+    return "serve" if module in SERVE_MODULES else module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread_when_serving(request):
+    """The "serve" group runs beside trainings: its workers (and so their jobs) and model
+    servers use one torch thread, which generation on a tiny model hardly misses."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    if module not in SERVE_MODULES or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
-        item.add_marker(pytest.mark.xdist_group("torch" if module in TORCH_MODULES else module))
+        item.add_marker(pytest.mark.xdist_group(_group(module)))
 
 
 def wait_until(cond, timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.02):

@@ -38,6 +38,7 @@ def job_script(tmp_path: Path) -> Path:
             from openweights import OpenWeights
             ow = OpenWeights()
             go = sys.argv[1]
+            print("\\n".join(f"filler line {i}" for i in range(300)), flush=True)  # overflows
             print("first line of the job", flush=True)
             ow.run.log({"type": "progress", "step": 1, "loss": 2.0, "learning_rate": 0.01})
             ow.run.log({"type": "logprobs", "step": 1, "dataset": "held-out", "tag": "a", "logp": -3.0})
@@ -100,10 +101,25 @@ def test_job_pages_follow_a_running_job_live(server, browser, ow, api_key, start
     )
     workers.close()
 
+    # Follow: the newest line stays in view; scrolling up stops following (as in a terminal),
+    # new lines then leave the view where it is; ticking Follow again jumps to the end.
+    at_end = (
+        "(() => { const p = document.querySelector('#log'); return p.scrollHeight > "
+        "p.clientHeight && p.scrollHeight - p.scrollTop - p.clientHeight < 8; })()"
+    )
+    page.bring_to_front()  # a background tab gets no scroll events
+    assert page.is_checked("#log-follow") and page.evaluate(at_end)
+    page.hover("#log")
+    page.mouse.wheel(0, -100_000)  # the reader scrolls up, with the wheel
+    page.wait_for_function("!document.querySelector('#log-follow').checked")
+
     go.write_text("go")  # the job goes on: the open pages update without a reload
     page.wait_for_function(
         "document.querySelector('#log').textContent.includes('second line after go')"
     )
+    assert page.evaluate("document.querySelector('#log').scrollTop") == 0
+    page.check("#log-follow")
+    assert page.evaluate(at_end)
     plots.wait_for_selector('figure[data-metric="loss"][data-points="3"]')
     plots.wait_for_selector('figure[data-metric="logp"][data-points="6"]')
     page.wait_for_selector("#log[data-ended=completed]")
