@@ -452,35 +452,42 @@ def claim(
         if cached:  # jobs for a model this worker has on disk first (stable: oldest first)
             fitting.sort(key=lambda r: not (r["model"] and r["model"] in cached))
         for cand in fitting:
-            taken = conn.execute(
-                take_q,
-                {
-                    "job_pk": cand["pk"],
-                    "worker_id": worker["id"],
-                    "lease_expires_at": now + lease_s,
-                    "now": now,
-                    "hardware": worker["hardware_type"],
-                },
-            ).first()
+            taken = (
+                conn.execute(
+                    take_q,
+                    {
+                        "job_pk": cand["pk"],
+                        "worker_id": worker["id"],
+                        "lease_expires_at": now + lease_s,
+                        "now": now,
+                        "hardware": worker["hardware_type"],
+                    },
+                )
+                .mappings()
+                .first()
+            )
             if taken is not None:
                 break
         scan["after_queued_at"], scan["after_pk"] = rows[-1]["queued_at"], rows[-1]["pk"]
         scan["limit"] = 64
-    run_id, attempt = taken
-    job = (
-        conn.execute(
-            query(conn, "claim_start_job"),
-            {
-                "job_pk": cand["pk"],
-                "attempt": attempt,
-                "run_id": run_id,
-                "worker_id": worker["id"],
-                "now": now,
-            },
+    run_id, attempt = taken["run_id"], taken["run_attempt"]
+    if "id" in taken:  # PostgreSQL's claim_take started the job in the same statement
+        job = {k: v for k, v in taken.items() if k not in ("run_id", "run_attempt")}
+    else:
+        job = (
+            conn.execute(
+                query(conn, "claim_start_job"),
+                {
+                    "job_pk": cand["pk"],
+                    "attempt": attempt,
+                    "run_id": run_id,
+                    "worker_id": worker["id"],
+                    "now": now,
+                },
+            )
+            .mappings()
+            .first()
         )
-        .mappings()
-        .first()
-    )
     if job is None:  # cannot happen under the row lock / one writer: refuse to double-run
         raise Conflict("claim raced with another writer")
     conn.execute(

@@ -120,16 +120,30 @@ INSERT INTO runs (org_id, job_pk, worker_id, attempt, status, lease_expires_at, 
                   log_size, hardware)
 SELECT org_id, pk, :worker_id, attempts + 1, 'in_progress', :lease_expires_at, :now, 0, :hardware
 FROM jobs WHERE pk = :job_pk AND status = 'pending'
-RETURNING id, attempt
+RETURNING id AS run_id, attempt AS run_attempt
 
 -- claim_take:postgresql --
--- As claim_take, locking the job row; a row another claim holds is skipped, not waited for.
-INSERT INTO runs (org_id, job_pk, worker_id, attempt, status, lease_expires_at, started_at,
-                  log_size, hardware)
-SELECT org_id, pk, :worker_id, attempts + 1, 'in_progress', :lease_expires_at, :now, 0, :hardware
-FROM jobs WHERE pk = :job_pk AND status = 'pending'
-FOR UPDATE SKIP LOCKED
-RETURNING id, attempt
+-- As claim_take, locking the job row (skipped when another claim holds it) and starting the job.
+-- json: params, allowed_hardware, outputs
+WITH job AS (
+  SELECT pk, org_id, attempts FROM jobs WHERE pk = :job_pk AND status = 'pending'
+  FOR UPDATE SKIP LOCKED
+), run AS (
+  INSERT INTO runs (org_id, job_pk, worker_id, attempt, status, lease_expires_at, started_at,
+                    log_size, hardware)
+  SELECT org_id, pk, :worker_id, attempts + 1, 'in_progress', :lease_expires_at, :now, 0, :hardware
+  FROM job
+  RETURNING id, attempt, job_pk
+)
+UPDATE jobs
+SET status = 'in_progress', attempts = run.attempt, current_run_id = run.id,
+    worker_id = :worker_id, updated_at = :now, started_at = COALESCE(jobs.started_at, :now)
+FROM run WHERE jobs.pk = run.job_pk
+RETURNING run.id AS run_id, run.attempt AS run_attempt, jobs.pk, jobs.org_id, jobs.id, jobs.type,
+          jobs.status, jobs.params, jobs.script, jobs.model, jobs.requires_vram_gb,
+          jobs.allowed_hardware, jobs.docker_image, jobs.outputs, jobs.attempts, jobs.max_attempts,
+          jobs.timeout_s, jobs.error, jobs.current_run_id, jobs.worker_id, jobs.created_at,
+          jobs.updated_at, jobs.queued_at, jobs.started_at, jobs.finished_at
 
 -- claim_start_job --
 -- The claimed job is in progress on its new run; returns the whole job for the worker.
