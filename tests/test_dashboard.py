@@ -377,11 +377,12 @@ def check_page(page, name: str) -> None:
 
 def test_pages_have_labels_and_work_with_the_keyboard(server, browser, api_key):
     page = login(browser, server, api_key, "/dashboard/jobs")
-    page.set_viewport_size({"width": 1280, "height": 720})
-    for name in ("jobs", "files", "models", "deployments", "playground", "workers", "cost",
-                 "settings"):  # fmt: skip
-        page.goto(f"{server.url}/dashboard/{name}")
-        check_page(page, name)
+    for width, height in ((1920, 1080), (1280, 720)):  # desktop, laptop
+        page.set_viewport_size({"width": width, "height": height})
+        for name in ("jobs", "files", "models", "deployments", "playground", "workers", "cost",
+                     "settings"):  # fmt: skip
+            page.goto(f"{server.url}/dashboard/{name}")
+            check_page(page, name)
     page.goto(f"{server.url}/dashboard/jobs")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"

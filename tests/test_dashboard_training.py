@@ -125,16 +125,18 @@ def test_fine_tune_loss_curve_logprobs_and_samples_grow_on_the_page(
     assert any(f"step {steps}" in h for h in heads)
     assert page.locator("#samples tbody tr").count() == 3
 
-    # every page of a real fine-tune at a laptop width: labelled controls, no sideways scroll
-    page.set_viewport_size({"width": 1280, "height": 720})
-    for tab in ("", "/logs", "/events", "/plots", "/samples", "/heatmap"):
-        page.goto(f"{server.url}/dashboard/jobs/{job.id}{tab}")
-        if tab == "/plots":
-            page.wait_for_selector('#plots[data-ready="1"]', state="attached")
-        check_page(page, "job" + tab.replace("/", "-"))
-    for fid, name in ((train, "file-chat"), (probe, "file-probe")):
-        page.goto(f"{server.url}/dashboard/files/{fid}")
-        check_page(page, name)
-    page.goto(f"{server.url}/dashboard/models")
-    check_page(page, "models")
+    # every page of a real fine-tune at desktop and laptop widths: labelled controls, no
+    # sideways scroll
+    for width, height in ((1920, 1080), (1280, 720)):
+        page.set_viewport_size({"width": width, "height": height})
+        for tab in ("", "/logs", "/events", "/plots", "/samples", "/heatmap"):
+            page.goto(f"{server.url}/dashboard/jobs/{job.id}{tab}")
+            if tab == "/plots":
+                page.wait_for_selector('#plots[data-ready="1"]', state="attached")
+            check_page(page, "job" + tab.replace("/", "-"))
+        for fid, name in ((train, "file-chat"), (probe, "file-probe")):
+            page.goto(f"{server.url}/dashboard/files/{fid}")
+            check_page(page, name)
+        page.goto(f"{server.url}/dashboard/models")
+        check_page(page, "models")
     page.context.close()
