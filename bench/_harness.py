@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +128,8 @@ class Backend:
     workdir: Path
     pg: PostgresCluster | None = None
     s3: MotoS3 | None = None
+    #: settings for every server this backend starts (e.g. OPENWEIGHTS_PG_CLAIM_FUNCTION)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def server_env(self, home: Path) -> dict[str, str]:
         env = base_env(home)
@@ -136,6 +138,7 @@ class Backend:
             env["OPENWEIGHTS_DATABASE_URL"] = self.pg.create_database()
             env.update(self.s3.env())
             env["OPENWEIGHTS_STORAGE_URL"] = self.s3.storage_url + f"/{home.name}"
+        env.update(self.extra_env)
         return env
 
     def start_server(self, label: str = "server") -> Server:

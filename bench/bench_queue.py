@@ -578,7 +578,10 @@ def run_backend(name: str, args: argparse.Namespace) -> dict:
         phases[phase] = round(now - mark[0], 1)
         mark[0] = now
 
+    res["pg_claim"] = args.pg_claim if name == "postgres" else None
     with backend(name) as be:
+        if args.pg_claim == "python":
+            be.extra_env["OPENWEIGHTS_PG_CLAIM_FUNCTION"] = "0"
         srv = be.start_server()
         lap("start_backend_and_server")
         try:
@@ -927,6 +930,13 @@ def main(argv: list[str] | None = None) -> int:
         default="with-claim",
         help="how a worker reports a run's end: with its next claim (`done`, what `ow worker` "
         "does: one request per job) or as its own POST /v1/runs/{id}/complete",
+    )
+    ap.add_argument(
+        "--pg-claim",
+        choices=["function", "python"],
+        default="function",
+        help="PostgreSQL: a claim as one call of the database function ow_claim_v1 (default) or "
+        "as the server's statements one by one (OPENWEIGHTS_PG_CLAIM_FUNCTION=0)",
     )
     ap.add_argument("--no-startup", action="store_true", help="skip the import / CLI timings")
     ap.add_argument("--startup-only", action="store_true", help="only the import / CLI timings")

@@ -44,6 +44,13 @@ class SecretEnvCache:
                 self._entries[org_id] = (env, now)
         return dict(env)
 
+    def peek(self, org_id: str) -> dict[str, str] | None:
+        """The org's secrets if they are cached and fresh; None (nothing loaded) otherwise."""
+        hit = self._entries.get(org_id)
+        if hit is not None and time.monotonic() - hit[1] <= self.ttl_s:
+            return dict(hit[0])
+        return None
+
     def drop(self, key: str) -> None:
         """`secrets:<org_id>`, or anything else under `secrets:` (drop all)."""
         org_id = key.removeprefix("secrets:")

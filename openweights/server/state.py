@@ -70,7 +70,16 @@ class AppState:
     def secret_env(self, conn: Connection, org_id: str) -> dict[str, str]:
         """The org's secrets a job gets: all but the cluster manager's own (the provider key and
         its limits), which no job needs."""
-        from openweights.types.cluster import JOB_HIDDEN_SECRETS
+        return _for_jobs(self.org_secrets(conn, org_id))
 
-        env = self.org_secrets(conn, org_id)
-        return {k: v for k, v in env.items() if k not in JOB_HIDDEN_SECRETS}
+    def cached_secret_env(self, org_id: str) -> dict[str, str] | None:
+        """`secret_env` when the org's secrets are cached; None (nothing read) otherwise."""
+        env = self.env_cache.peek(org_id)
+        return None if env is None else _for_jobs(env)
+
+
+def _for_jobs(env: dict[str, str]) -> dict[str, str]:
+    """An org's secrets less the cluster manager's own (the provider key and its limits)."""
+    from openweights.types.cluster import JOB_HIDDEN_SECRETS
+
+    return {k: v for k, v in env.items() if k not in JOB_HIDDEN_SECRETS}

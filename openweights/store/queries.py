@@ -526,6 +526,14 @@ class RawConnection:
                         cur.executemany(sql, params)
                     else:
                         cur.execute(sql, params)
+            elif not self.statements:
+                # The transaction's first statement: its BEGIN goes in the same round trip
+                # (outside a pipeline psycopg sends BEGIN on its own and waits for it).
+                with c.pipeline():
+                    if many:
+                        cur.executemany(sql, params)
+                    else:
+                        cur.execute(sql, params)
             elif many:
                 cur.executemany(sql, params)
             else:
@@ -693,6 +701,39 @@ class RawDatabase:
                 self._idle.append(c)
             return out
         raise AssertionError("unreachable")
+
+    def call_once(self, sql: str, params: dict) -> Any:
+        """PostgreSQL: one statement (a function call) in its own transaction, in one round trip
+        (BEGIN, the statement and COMMIT pipelined); the first column of its first row. On an
+        error the transaction is rolled back (nothing of it stays) and the error raised; a
+        connection the database dropped is discarded."""
+        with self._lock:
+            c = self._idle.pop() if self._idle else None
+        if c is None or c.closed:
+            import psycopg
+
+            c = psycopg.connect(self._dsn, autocommit=False)
+            self.own_pids.add(c.info.backend_pid)
+            with self._lock:
+                self._all.append(c)
+        try:
+            cur = c.cursor()
+            with c.pipeline():
+                cur.execute(sql, params)
+                c.commit()
+            row = cur.fetchone()
+            cur.close()
+        except BaseException:
+            if c.broken or c.closed:
+                self._discard(c)
+            else:
+                c.rollback()
+                with self._lock:
+                    self._idle.append(c)
+            raise
+        with self._lock:
+            self._idle.append(c)
+        return row[0] if row else None
 
     def _discard(self, c: Any) -> None:
         self.own_pids.discard(c.info.backend_pid)

@@ -16,6 +16,7 @@ from openweights.server import convert
 from openweights.server.auth import principal, require
 from openweights.server.fast import hot
 from openweights.server.notify import Signal, job_key, queue_key, run_key
+from openweights.server.pg_claim import Fallback, pg_claim
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import files as fstore
 from openweights.store import jobs as q
@@ -143,6 +144,47 @@ async def claim_loop(
     while True:
         ev = state.notifier.event(org_key)
         stop_ev = state.notifier.event(f"worker:{worker_id}")  # shutdown ends the long-poll at once
+        fast = pg_claim(state, hot(state))
+        if fast is not None:  # PostgreSQL: the common case as one function call
+            if done is not None and _EMPTY_SHA not in state.known_blobs:
+                await state.call(_empty_log, state)  # once per process: may write a blob
+            try:
+                completed, c = await hot(state).in_thread(
+                    fast.call, p, worker_id, lease_s, done, _EMPTY_SHA
+                )
+            except Fallback:
+                pass  # nothing was written: the Python path below answers
+            else:
+                if completed is not None:
+                    rid = completed["run_id"]
+                    state.notifier.notify(
+                        job_key(p.org_id, completed["job_id"]), run_key(rid),
+                        queue_key(p.org_id), f"auth:run:{rid}", f"log:{rid}",
+                    )  # fmt: skip
+                done = None
+                if c is not None:
+                    env = state.cached_secret_env(p.org_id)
+                    if env is None:
+                        env = await hot(state).run(
+                            lambda conn: state.secret_env(conn, p.org_id), write=False
+                        )
+                    state.notifier.notify(job_key(p.org_id, c.job["id"]))
+                    return t.ClaimResponse(
+                        run=convert.run(c.run),
+                        job=convert.job(c.job),
+                        token=c.token,
+                        env=env,
+                        lease_s=lease_s,
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or await is_disconnected():
+                    return None
+                await state.notifier.wait_any(
+                    [ev, stop_ev] if gone is None else [ev, stop_ev, gone], min(remaining, 10.0)
+                )
+                if await is_disconnected():
+                    return None
+                continue
         if done is not None:
             # The last run's end first; without a log to store, in the claim's own transaction.
             _run, result = await complete_then(
