@@ -284,22 +284,38 @@ def fits(job: dict, worker: dict) -> bool:
 def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) -> str:
     """Why a pending job waits: the live workers' view, then the cluster manager's when one
     runs for the org (spend cap, cooldown, no hardware, a pod booting for it)."""
-    manager = conn.execute(
-        query(conn, "wait_reason"), {"org_id": job["org_id"], "job_id": job["id"], "now": now}
-    ).scalar()
-    reason = _workers_reason(conn, job, now, offline_s, managed=manager is not None)
+    org_id, since = job["org_id"], now - offline_s
+    if conn.dialect.name == "postgresql":  # one round trip for all three
+        row = conn.execute(
+            query(conn, "pending_inputs"),
+            {"org_id": org_id, "job_id": job["id"], "now": now, "since": since,
+             "queued_at": job["queued_at"]},
+        ).first()  # fmt: skip
+        manager, live, n_ahead = row[0], json.loads(row[1]), row[2]
+        ahead: Callable[[], int] = lambda: n_ahead  # noqa: E731
+    else:
+        manager = conn.execute(
+            query(conn, "wait_reason"), {"org_id": org_id, "job_id": job["id"], "now": now}
+        ).scalar()
+        live = [
+            dict(r)
+            for r in conn.execute(
+                query(conn, "live_workers"), {"org_id": org_id, "since": since}
+            ).mappings()
+        ]
+
+        def ahead() -> int:
+            return conn.execute(
+                query(conn, "jobs_ahead"), {"org_id": org_id, "queued_at": job["queued_at"]}
+            ).scalar_one()
+
+    reason = _workers_reason(job, live, ahead, managed=manager is not None)
     return f"{reason} Cluster manager: {manager}." if manager else reason
 
 
 def _workers_reason(
-    conn: Connection, job: dict, now: float, offline_s: float, *, managed: bool = False
+    job: dict, live: list[dict], ahead: Callable[[], int], *, managed: bool = False
 ) -> str:
-    live = [
-        dict(r)
-        for r in conn.execute(
-            query(conn, "live_workers"), {"org_id": job["org_id"], "since": now - offline_s}
-        ).mappings()
-    ]
     need = (
         f"allowed_hardware {job['allowed_hardware']}"
         if job["allowed_hardware"]
@@ -318,11 +334,8 @@ def _workers_reason(
     if not fitting:
         offer = ", ".join(sorted({f"{w['hardware_type']} ({w['vram_gb']:g} GB)" for w in live}))
         return f"No live worker fits: the job needs {need}; live workers offer {offer}."
-    ahead = conn.execute(
-        query(conn, "jobs_ahead"), {"org_id": job["org_id"], "queued_at": job["queued_at"]}
-    ).scalar_one()
     busy = sum(1 for w in fitting if w["current_run_id"] is not None)
-    return f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, {ahead} job(s) ahead."
+    return f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, {ahead()} job(s) ahead."
 
 
 # -- workers ---------------------------------------------------------------------------------

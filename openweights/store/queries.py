@@ -79,6 +79,17 @@ FROM workers WHERE org_id = :org_id AND status = 'active' AND last_seen_at >= :s
 SELECT reason FROM cluster_waits
 WHERE org_id = :org_id AND job_id = :job_id AND expires_at >= :now
 
+-- pending_inputs:postgresql --
+-- What a pending job's reason needs in one round trip: the manager's reason, live workers, jobs ahead.
+SELECT (SELECT reason FROM cluster_waits
+        WHERE org_id = :org_id AND job_id = :job_id AND expires_at >= :now) AS reason,
+       (SELECT coalesce(json_agg(w), '[]')::text
+        FROM (SELECT id, hardware_type, vram_gb, docker_image, any_hardware, current_run_id
+              FROM workers WHERE org_id = :org_id AND status = 'active'
+                AND last_seen_at >= :since) AS w) AS live,
+       (SELECT count(*) FROM jobs
+        WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at) AS ahead
+
 -- jobs_ahead --
 -- How many pending jobs of an org were queued before a time.
 SELECT count(*) FROM jobs WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at
@@ -346,10 +357,12 @@ def parse(source: str) -> dict[tuple[str, str], TextClause | TextualSelect]:
         if (name, dialect) in out:
             raise ValueError(f"query {name}:{dialect} is defined twice")
         if not lines or not lines[0].startswith("-- "):
-            raise ValueError(f"query {name!r} needs a one-line description after its name")
+            raise ValueError(f"query {name!r} needs a description after its name")
         json: list[str] = []
-        body = []
+        body: list[str] = []
         for line in lines[1:]:
+            if not body and line.startswith("-- ") and not line.startswith("-- json:"):
+                continue  # the description goes on
             if line.startswith("-- json:"):
                 json = [n.strip() for n in line.removeprefix("-- json:").split(",") if n.strip()]
             else:
