@@ -6,17 +6,21 @@ over ~7 round trips when the server sends them one by one; PostgreSQL's own CPU 
 bind, execute of each) and psycopg's client side were most of a job's cost. `ow_claim_v1`
 (migration 0005) runs the same statements inside the database: one round trip, one statement.
 It covers only that common case and raises SQLSTATE `OWFB0` for anything else (a run with a log,
-a resend, a refused caller, a shut-down worker, a run that declared a model...): the transaction
-is rolled back with nothing written and `routes/runs.claim_loop` runs the Python path, which
-then answers exactly as before. `OPENWEIGHTS_PG_CLAIM_FUNCTION=0` turns it off (the Python path
+a resend, a refused caller, a shut-down worker, a run that declared a model...): what it did is
+rolled back, nothing of it written, and `routes/runs.claim_loop` runs the Python path, which
+then answers exactly as before. Claims that arrive together go in one call of
+`ow_claim_batch_v1` (migration 0006): each in its own subtransaction, so that one that falls
+back is rolled back alone. `OPENWEIGHTS_PG_CLAIM_FUNCTION=0` turns it off (the Python path
 for every claim; the benchmark and tests compare both).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets as _secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from openweights.store import files as fstore
@@ -27,11 +31,9 @@ from openweights.types.runs import RunDone
 log = logging.getLogger(__name__)
 
 FALLBACK_SQLSTATE = "OWFB0"
-SQL = (
-    "SELECT ow_claim_v1(%(org)s, %(worker)s, %(kind)s, %(token)s, %(lease_s)s, %(done_run)s, "
-    "%(done_status)s, %(done_exit)s, %(done_error)s, %(log_file)s, %(log_sha)s, %(token_id)s, "
-    "%(token_hash)s, %(token_prefix)s)"
-)
+BATCH_SQL = "SELECT ow_claim_batch_v1(%(items)s)"
+#: claims sent in one call at most (each is a subtransaction of the batch's transaction)
+MAX_BATCH = 32
 #: job columns that are floats (JSON gives whole numbers back as ints)
 _FLOATS = (
     "requires_vram_gb", "timeout_s", "created_at", "updated_at", "queued_at", "started_at",
@@ -44,24 +46,29 @@ class Fallback(Exception):
 
 
 class PgClaim:
-    """Calls `ow_claim_v1` on the hot routes' PostgreSQL connections (`queries.RawDatabase`)."""
+    """Calls `ow_claim_batch_v1` on the hot routes' PostgreSQL connections
+    (`queries.RawDatabase`). One call is in the database at a time: the claims that arrive
+    meanwhile wait and go together in the next call (up to `MAX_BATCH`): a lone claim goes at
+    once, and under load a batch costs one round trip, one commit and one thread hop."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, in_thread: Callable[..., Awaitable[Any]]) -> None:
         self.raw = raw
+        self.in_thread = in_thread
         self.enabled = os.environ.get("OPENWEIGHTS_PG_CLAIM_FUNCTION", "1") != "0"
-        self.calls = 0
+        self.calls = 0  # claims sent
+        self.batches = 0  # function calls
         self.fallbacks = 0
+        self._queue: list[tuple[dict, asyncio.Future]] = []
+        self._sender: asyncio.Task | None = None
 
-    def call(
+    async def call(
         self, p: Principal, worker_id: str, lease_s: float, done: RunDone | None, log_sha: str
     ) -> tuple[dict | None, Claim | None]:
         """In one transaction: complete `done` (if any), check the worker in, claim. Returns
         (the completed run's keys to wake here, or None; the claim, or None when no job fits).
         Raises `Fallback` when the Python path must answer instead."""
-        import psycopg
-
         secret = TOKEN_PREFIX + _secrets.token_urlsafe(32)
-        params = {
+        item = {
             "org": p.org_id,
             "worker": worker_id,
             "kind": p.kind,
@@ -77,18 +84,53 @@ class PgClaim:
             "token_hash": hash_token(secret),
             "token_prefix": secret[:10],
         }
-        self.calls += 1
-        try:
-            out = self.raw.call_once(SQL, params)
-        except psycopg.Error as e:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send())
+        out = await fut
+        if "error" in out:
             self.fallbacks += 1
-            if e.sqlstate == FALLBACK_SQLSTATE:
-                raise Fallback(str(e)) from None
-            if isinstance(e, psycopg.errors.UndefinedFunction):
-                log.warning("ow_claim_v1 is missing (migration 0005 not applied): claims use "
-                            "the Python path")  # fmt: skip
-                self.enabled = False
-            raise Fallback(f"{type(e).__name__}: {e}") from None
+            if out["error"] != FALLBACK_SQLSTATE:
+                log.debug("ow_claim_v1 raised %s (%s): the Python path answers",
+                          out["error"], out.get("message"))  # fmt: skip
+            raise Fallback(out.get("message", ""))
+        return self._result(out, p, worker_id, lease_s, done, secret)
+
+    async def _send(self) -> None:
+        """Sends the waiting claims, a batch per call, until none waits."""
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    outs = await self.in_thread(self._call_many, [item for item, _ in batch])
+                except Exception as e:  # the whole call failed: every claim of it falls back
+                    out = {"error": getattr(e, "sqlstate", None) or "", "message": str(e)}
+                    outs = [out] * len(batch)
+                for (_, fut), out in zip(batch, outs, strict=True):
+                    if not fut.done():
+                        fut.set_result(out)
+        finally:
+            self._sender = None
+
+    def _call_many(self, items: list[dict]) -> list[dict]:
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        self.calls += len(items)
+        self.batches += 1
+        try:
+            return self.raw.call_once(BATCH_SQL, {"items": Jsonb(items)})
+        except psycopg.errors.UndefinedFunction:
+            log.warning("ow_claim_batch_v1 is missing (migration 0006 not applied): claims use "
+                        "the Python path")  # fmt: skip
+            self.enabled = False
+            raise
+
+    @staticmethod
+    def _result(
+        out: dict, p: Principal, worker_id: str, lease_s: float, done: RunDone | None, secret: str
+    ) -> tuple[dict | None, Claim | None]:
         now = out["now"]
         completed = None
         if done is not None:
@@ -126,5 +168,5 @@ def pg_claim(state: Any, hot: Any) -> PgClaim | None:
         return None
     pc = getattr(state, "pg_claim", None)
     if pc is None:
-        pc = state.pg_claim = PgClaim(hot.raw)
+        pc = state.pg_claim = PgClaim(hot.raw, hot.in_thread)
     return pc if pc.enabled else None

@@ -680,6 +680,10 @@ class RawDatabase:
                 with self._lock:
                     self._all.append(c)
             conn = RawConnection(c, "postgresql")
+            # A read runs in autocommit: under READ COMMITTED each statement takes its own
+            # snapshot inside a transaction too, so BEGIN/COMMIT would add a round trip and
+            # nothing else.
+            c.autocommit = not write
             try:
                 out = fn(conn)
                 tail = conn.pending + conn.deferred
@@ -695,6 +699,7 @@ class RawDatabase:
                 broken = c.closed or c.broken
                 if not broken:
                     c.rollback()
+                    c.autocommit = False
                     with self._lock:
                         self._idle.append(c)
                 else:
@@ -707,9 +712,11 @@ class RawDatabase:
                     self._discard(c)
                 else:
                     c.rollback()
+                    c.autocommit = False
                     with self._lock:
                         self._idle.append(c)
                 raise
+            c.autocommit = False
             with self._lock:
                 self._idle.append(c)
             return out

@@ -149,9 +149,7 @@ async def claim_loop(
             if done is not None and _EMPTY_SHA not in state.known_blobs:
                 await state.call(_empty_log, state)  # once per process: may write a blob
             try:
-                completed, c = await hot(state).in_thread(
-                    fast.call, p, worker_id, lease_s, done, _EMPTY_SHA
-                )
+                completed, c = await fast.call(p, worker_id, lease_s, done, _EMPTY_SHA)
             except Fallback:
                 pass  # nothing was written: the Python path below answers
             else:
