@@ -147,6 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             sweeper.cancel()
             state.notifier.close()
+            if getattr(state, "pg_claim", None) is not None:
+                await state.pg_claim.close()
             if getattr(state, "hot", None) is not None:
                 state.hot.close()
             await state.deployments.close()  # the keep-alive connections to deployments

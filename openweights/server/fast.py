@@ -89,6 +89,12 @@ class Hot:
             return base
         return base + (m - at)
 
+    def fresh_now(self) -> float | None:
+        """`now` without a connection: None when the clock is due to be read again."""
+        base, at = self._clock
+        m = time.monotonic()
+        return base + (m - at) if m - at <= CLOCK_REFRESH_S else None
+
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on this pool's threads."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

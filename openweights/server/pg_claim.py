@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import secrets as _secrets
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from openweights.store import files as fstore
@@ -46,20 +45,19 @@ class Fallback(Exception):
 
 
 class PgClaim:
-    """Calls `ow_claim_batch_v1` on the hot routes' PostgreSQL connections
-    (`queries.RawDatabase`). One call is in the database at a time: the claims that arrive
+    """Calls `ow_claim_batch_v1` on a connection of its own. One call is in the database at a time: the claims that arrive
     meanwhile wait and go together in the next call (up to `MAX_BATCH`): a lone claim goes at
     once, and under load a batch costs one round trip, one commit and one thread hop."""
 
-    def __init__(self, raw: Any, in_thread: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.in_thread = in_thread
+        self._conn: Any = None  # psycopg.AsyncConnection, made on first use
         self.enabled = os.environ.get("OPENWEIGHTS_PG_CLAIM_FUNCTION", "1") != "0"
         self.calls = 0  # claims sent
         self.batches = 0  # function calls
         self.fallbacks = 0
         self._queue: list[tuple[dict, asyncio.Future]] = []
-        self._sender: asyncio.Task | None = None
+        self._sender: asyncio.Task | None = None  # sends the waiting claims, one call at a time
 
     async def call(
         self, p: Principal, worker_id: str, lease_s: float, done: RunDone | None, log_sha: str
@@ -86,7 +84,8 @@ class PgClaim:
         }
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
-        if self._sender is None:
+        if self._sender is None:  # nothing in the database: this claim goes at once
+            # (from a task: a request that is canceled cannot cut a batch short)
             self._sender = asyncio.create_task(self._send())
         out = await fut
         if "error" in out:
@@ -101,31 +100,60 @@ class PgClaim:
         """Sends the waiting claims, a batch per call, until none waits."""
         try:
             while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                try:
-                    outs = await self.in_thread(self._call_many, [item for item, _ in batch])
-                except Exception as e:  # the whole call failed: every claim of it falls back
-                    out = {"error": getattr(e, "sqlstate", None) or "", "message": str(e)}
-                    outs = [out] * len(batch)
-                for (_, fut), out in zip(batch, outs, strict=True):
-                    if not fut.done():
-                        fut.set_result(out)
+                await self._send_batch()
         finally:
             self._sender = None
 
-    def _call_many(self, items: list[dict]) -> list[dict]:
+    async def _send_batch(self) -> None:
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        try:
+            outs = await self._call_many([item for item, _ in batch])
+        except Exception as e:  # the whole call failed: every claim of it falls back
+            out = {"error": getattr(e, "sqlstate", None) or "", "message": str(e)}
+            outs = [out] * len(batch)
+        for (_, fut), out in zip(batch, outs, strict=True):
+            if not fut.done():
+                fut.set_result(out)
+
+    async def _call_many(self, items: list[dict]) -> list[dict]:
+        """One call of `ow_claim_batch_v1` in its own transaction, in one round trip (BEGIN, the
+        call and COMMIT pipelined), on this server's claim connection: an asyncio one, on the
+        event loop (one call at a time uses it: no thread hop, no pool)."""
         import psycopg
         from psycopg.types.json import Jsonb
 
         self.calls += len(items)
         self.batches += 1
+        c = self._conn
+        if c is None or c.closed:
+            c = self._conn = await psycopg.AsyncConnection.connect(self.raw.dsn)
+            self.raw.own_pids.add(c.info.backend_pid)  # its NOTIFYs are this server's own
         try:
-            return self.raw.call_once(BATCH_SQL, {"items": Jsonb(items)})
-        except psycopg.errors.UndefinedFunction:
-            log.warning("ow_claim_batch_v1 is missing (migration 0006 not applied): claims use "
-                        "the Python path")  # fmt: skip
-            self.enabled = False
+            cur = c.cursor()
+            async with c.pipeline():
+                await cur.execute(BATCH_SQL, {"items": Jsonb(items)})
+                await c.commit()
+            row = await cur.fetchone()
+            await cur.close()
+        except BaseException as e:
+            if c.broken or c.closed:
+                self.raw.own_pids.discard(c.info.backend_pid)
+                self._conn = None
+                await c.close()
+            else:
+                await c.rollback()
+            if isinstance(e, psycopg.errors.UndefinedFunction):
+                log.warning("ow_claim_batch_v1 is missing (migration 0006 not applied): claims "
+                            "use the Python path")  # fmt: skip
+                self.enabled = False
             raise
+        assert row is not None
+        return row[0]
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     @staticmethod
     def _result(
@@ -168,5 +196,5 @@ def pg_claim(state: Any, hot: Any) -> PgClaim | None:
         return None
     pc = getattr(state, "pg_claim", None)
     if pc is None:
-        pc = state.pg_claim = PgClaim(hot.raw, hot.in_thread)
+        pc = state.pg_claim = PgClaim(hot.raw)
     return pc if pc.enabled else None

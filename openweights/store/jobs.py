@@ -21,7 +21,7 @@ from openweights.store import orgs
 from openweights.store import schema as s
 from openweights.store.errors import Conflict, Fenced, Forbidden, Invalid, NotFound
 from openweights.store.orgs import Principal
-from openweights.store.queries import query
+from openweights.store.queries import QUERIES, query
 
 TERMINAL = ("completed", "failed", "canceled")
 J, R, W, E = s.jobs, s.runs, s.workers, s.events
@@ -56,7 +56,8 @@ def fill_placeholders(params: dict, *, job_id: str, org_name: Callable[[], str])
     if not any(isinstance(v, str) and ("{job_id}" in v or "{org_id}" in v) for v in vp.values()):
         return params
     # the org's name as a model-id namespace: "alignment lab" -> "alignment-lab"
-    org = re.sub(r"[^A-Za-z0-9_.\-]+", "-", org_name()).strip("-._") or "org"
+    named = any(isinstance(v, str) and "{org_id}" in v for v in vp.values())
+    org = (re.sub(r"[^A-Za-z0-9_.\-]+", "-", org_name()).strip("-._") or "org") if named else ""
     filled = {
         k: v.replace("{job_id}", job_id).replace("{org_id}", org) if isinstance(v, str) else v
         for k, v in vp.items()
@@ -68,10 +69,10 @@ def _org_name(conn: Connection, org_id: str) -> str:
     return conn.execute(select(s.orgs.c.name).where(s.orgs.c.id == org_id)).scalar_one()
 
 
-def create_job(
-    conn: Connection, org_id: str, req: Any, now: float, default_max_attempts: int, *, lock: bool
-) -> tuple[dict, bool]:
-    """Insert, requeue (failed/canceled) or return the existing job. Returns (row, queued)."""
+def _new_row(
+    org_id: str, req: Any, now: float, default_max_attempts: int, org_name: Callable[[], str]
+) -> tuple[dict, dict]:
+    """The row of a new pending job, and its requirements (what a resubmit updates)."""
     suffix = req.job_id_suffix
     if suffix is None and isinstance(req.params.get("validated_params"), dict):
         suffix = req.params["validated_params"].get("job_id_suffix")
@@ -83,7 +84,7 @@ def create_job(
         id_prefix=req.id_prefix,
         suffix=suffix,
     )
-    params = fill_placeholders(req.params, job_id=jid, org_name=lambda: _org_name(conn, org_id))
+    params = fill_placeholders(req.params, job_id=jid, org_name=org_name)
     requirements = {
         "requires_vram_gb": req.requires_vram_gb,
         "allowed_hardware": req.allowed_hardware,
@@ -113,6 +114,58 @@ def create_job(
         "finished_at": None,
         **requirements,
     }
+    return row, requirements
+
+
+class _NeedsTransaction(Exception):
+    pass
+
+
+def _no_org_name() -> str:
+    raise _NeedsTransaction
+
+
+def create_new_job_once(
+    raw: Any,
+    org_id: str,
+    req: Any,
+    now: float,
+    default_max_attempts: int,
+    offline_s: float,
+    notify: Callable[[str], tuple[str, list[str]]],
+) -> tuple[dict, str] | None:
+    """PostgreSQL (`queries.RawDatabase`), the common case of `create_job` — a new job — in one
+    round trip: the insert, the NOTIFY of `notify(job_id)` (channel, keys) and what its pending
+    reason needs, in one transaction. Returns (row, pending reason); None when the transaction
+    path must answer (a resubmit of an existing id, where nothing was written; params that need
+    the org's name)."""
+    try:
+        row, _ = _new_row(org_id, req, now, default_max_attempts, _no_org_name)
+    except _NeedsTransaction:
+        return None
+    channel, keys = notify(row["id"])
+    inserted, inputs = raw.once(
+        (QUERIES[("insert_job_notify", "postgresql")],
+         {**row, "now": now, "channel": channel, "keys": keys}),
+        (QUERIES[("pending_inputs", "postgresql")],
+         {"org_id": org_id, "job_id": row["id"], "now": now, "since": now - offline_s,
+          "queued_at": now}),
+    )  # fmt: skip
+    if inserted is None:
+        return None
+    row["pk"] = inserted[0]
+    manager, live, ahead = inputs
+    return row, _reason(row, manager, json.loads(live), lambda: ahead)
+
+
+def create_job(
+    conn: Connection, org_id: str, req: Any, now: float, default_max_attempts: int, *, lock: bool
+) -> tuple[dict, bool]:
+    """Insert, requeue (failed/canceled) or return the existing job. Returns (row, queued)."""
+    row, requirements = _new_row(
+        org_id, req, now, default_max_attempts, lambda: _org_name(conn, org_id)
+    )
+    jid = row["id"]
     # A new job is one statement; an existing id (a resubmit) is rare and takes the slow path.
     pk = conn.execute(query(conn, "insert_job"), {**row, "now": now}).scalar()
     if pk is not None:
@@ -309,6 +362,10 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
                 query(conn, "jobs_ahead"), {"org_id": org_id, "queued_at": job["queued_at"]}
             ).scalar_one()
 
+    return _reason(job, manager, live, ahead)
+
+
+def _reason(job: dict, manager: str | None, live: list[dict], ahead: Callable[[], int]) -> str:
     reason = _workers_reason(job, live, ahead, managed=manager is not None)
     return f"{reason} Cluster manager: {manager}." if manager else reason
 

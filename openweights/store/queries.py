@@ -79,6 +79,25 @@ FROM workers WHERE org_id = :org_id AND status = 'active' AND last_seen_at >= :s
 SELECT reason FROM cluster_waits
 WHERE org_id = :org_id AND job_id = :job_id AND expires_at >= :now
 
+-- insert_job_notify:postgresql --
+-- `insert_job`, and other servers told when it commits (`notify`): no row, and no notification,
+-- on a resubmit.
+-- json: params, allowed_hardware
+WITH ins AS (
+    INSERT INTO jobs (org_id, id, type, status, params, script, model, requires_vram_gb,
+                      allowed_hardware, docker_image, outputs, attempts, max_attempts, timeout_s,
+                      error, current_run_id, worker_id, created_at, updated_at, queued_at,
+                      started_at, finished_at)
+    VALUES (:org_id, :id, :type, 'pending', :params, :script, :model, :requires_vram_gb,
+            :allowed_hardware, :docker_image, NULL, 0, :max_attempts, :timeout_s, NULL,
+            NULL, NULL, :now, :now, :now, NULL, NULL)
+    ON CONFLICT (org_id, id) DO NOTHING
+    RETURNING pk)
+SELECT pk,
+       (SELECT count(pg_notify(:channel, k)) FROM unnest(CAST(:keys AS text[])) AS k
+        WHERE ins.pk IS NOT NULL) AS notified
+FROM ins
+
 -- pending_inputs:postgresql --
 -- What a pending job's reason needs in one round trip: the manager's reason, live workers, jobs ahead.
 SELECT (SELECT reason FROM cluster_waits
@@ -313,6 +332,8 @@ def _result_names(sql: str) -> list[str] | None:
         items = returning[-1]
     elif re.match(r"(?i)\s*SELECT\b", sql):
         items = _top_level(re.sub(r"(?i)^\s*SELECT\b", "", sql), r"\bFROM\b")[0]
+    elif re.match(r"(?i)\s*WITH\b", sql) and len(parts := _top_level(sql, r"\bSELECT\b")) > 1:
+        items = _top_level(parts[1], r"\bFROM\b")[0]  # the SELECT after the CTEs
     else:
         return None
     names = []
@@ -722,11 +743,32 @@ class RawDatabase:
             return out
         raise AssertionError("unreachable")
 
+    @property
+    def dsn(self) -> str:
+        """PostgreSQL: the libpq connection string."""
+        return self._dsn
+
     def call_once(self, sql: str, params: dict) -> Any:
         """PostgreSQL: one statement (a function call) in its own transaction, in one round trip
         (BEGIN, the statement and COMMIT pipelined); the first column of its first row. On an
         error the transaction is rolled back (nothing of it stays) and the error raised; a
         connection the database dropped is discarded."""
+        (row,) = self._pipelined([(sql, params)])
+        return row[0] if row else None
+
+    def once(self, *statements: tuple[Any, dict]) -> list[tuple | None]:
+        """PostgreSQL: named statements of this module (`query`'s) in one transaction, in one
+        round trip (BEGIN, the statements in order and COMMIT pipelined); the first row of each
+        (None: it returned none). On an error nothing of them stays and the error is raised."""
+        sent = []
+        for stmt, params in statements:
+            raw = RAW.get(id(stmt))
+            if raw is None:
+                raise NotRaw(f"not a named statement of openweights.store.queries: {stmt!r}")
+            sent.append((raw.postgresql, _dump(params, raw.json_in) if raw.json_in else params))
+        return self._pipelined(sent)
+
+    def _pipelined(self, statements: list[tuple[str, dict]]) -> list[tuple | None]:
         with self._lock:
             c = self._idle.pop() if self._idle else None
         if c is None or c.closed:
@@ -737,12 +779,14 @@ class RawDatabase:
             with self._lock:
                 self._all.append(c)
         try:
-            cur = c.cursor()
+            curs = [c.cursor() for _ in statements]
             with c.pipeline():
-                cur.execute(sql, params)
+                for cur, (sql, params) in zip(curs, statements, strict=True):
+                    cur.execute(sql, params)
                 c.commit()
-            row = cur.fetchone()
-            cur.close()
+            rows = [cur.fetchone() if cur.description is not None else None for cur in curs]
+            for cur in curs:
+                cur.close()
         except BaseException:
             if c.broken or c.closed:
                 self._discard(c)
@@ -753,7 +797,7 @@ class RawDatabase:
             raise
         with self._lock:
             self._idle.append(c)
-        return row[0] if row else None
+        return rows
 
     def _discard(self, c: Any) -> None:
         self.own_pids.discard(c.info.backend_pid)

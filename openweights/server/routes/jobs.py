@@ -12,7 +12,7 @@ from openweights import types as t
 from openweights.server import convert
 from openweights.server.auth import principal, require
 from openweights.server.fast import hot
-from openweights.server.notify import job_key, queue_key, run_key
+from openweights.server.notify import CHANNEL, job_key, queue_key, run_key
 from openweights.server.routes._errors import ERROR_RESPONSES
 from openweights.store import jobs as q
 from openweights.store.orgs import Principal
@@ -68,8 +68,19 @@ async def create(state, p: Principal, body: t.JobCreateParams) -> t.JobObject:
         await asyncio.sleep(0)  # a woken claim takes the job before the reason is measured
         return await h.run(reason, write=False)
 
-    def both():  # PostgreSQL: one thread hop
+    def both():  # PostgreSQL: one thread hop; a new job in one round trip
         nonlocal row
+        now = h.fresh_now()
+        if now is not None:
+            out = q.create_new_job_once(
+                h.raw, p.org_id, body, now, state.settings.max_attempts,
+                state.settings.worker_offline_s,
+                lambda jid: (CHANNEL, [queue_key(p.org_id), job_key(p.org_id, jid)]),
+            )  # fmt: skip
+            if out is not None:
+                row, why = out
+                state.committed(queue_key(p.org_id), job_key(p.org_id, row["id"]))
+                return convert.job(row, why)
         row, keys = h.run_sync(write)
         state.committed(*keys)
         return convert.job(row) if row["status"] != "pending" else h.run_sync(reason, False)
