@@ -193,3 +193,83 @@ def test_claim_function_answers_as_the_python_path_does(server_factory, pg):
     # successful calls); the Python server never called it.
     assert results["python_calls"] == 0
     assert results["function_calls"] == 7, results["function_calls"]
+
+
+def _calls(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT funcname, calls FROM pg_stat_user_functions WHERE funcname LIKE 'ow_claim%'"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_claims_that_arrive_together_go_in_one_call_and_a_fallback_is_answered_alone(
+    server_factory, pg
+):
+    """One claim is held in the database (its worker's row locked from outside); five more
+    arrive meanwhile and go in the next call, together: four take jobs from the function; the
+    fifth, of a shut-down worker, falls back alone (its subtransaction rolled back) and the
+    Python path answers it 409. Every job is taken once."""
+    import threading
+    import time
+
+    srv = server_factory("postgres")
+    dsn = srv.env["OPENWEIGHTS_DATABASE_URL"]
+    dbname = dsn.rsplit("/", 1)[1]
+    with psycopg.connect(pg.url_for(dbname), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {dbname} SET track_functions = 'pl'")
+    srv.stop()
+    srv.start()
+    with httpx.Client(base_url=srv.url, trust_env=False, timeout=30) as c:
+        r = c.post("/v1/signup", json={"org_name": "lab"})
+        user = {"authorization": f"Bearer {r.json()['token']['token']}"}
+        workers = [
+            c.post("/v1/workers", json={**W1, "name": f"w{i}"}, headers=user).json()["id"]
+            for i in range(6)
+        ]
+        for i in range(8):
+            assert c.post("/v1/jobs", json=_job(params={"i": i}), headers=user).status_code == 200
+        assert c.post(f"/v1/workers/{workers[5]}/shutdown", headers=user).status_code == 200
+
+    answers: dict[int, httpx.Response] = {}
+
+    def claim(k: int) -> None:
+        with httpx.Client(base_url=srv.url, trust_env=False, timeout=30) as cl:
+            answers[k] = cl.post(
+                f"/v1/workers/{workers[k]}/claim", json={"wait_s": 0}, headers=user
+            )
+
+    with (
+        psycopg.connect(pg.url_for(dbname)) as lock,
+        psycopg.connect(pg.url_for(dbname), autocommit=True) as watch,
+    ):
+        lock.execute("SELECT 1 FROM workers WHERE id = %s FOR UPDATE", (workers[0],))
+        first = threading.Thread(target=claim, args=(0,))
+        first.start()
+        for _ in range(200):  # until the first claim waits for the lock in the database
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%ow_claim_batch_v1%'"
+            ).fetchone()[0]
+            if waiting:
+                break
+            time.sleep(0.02)
+        assert waiting == 1
+        rest = [threading.Thread(target=claim, args=(k,)) for k in range(1, 6)]
+        for t in rest:
+            t.start()
+        time.sleep(1.0)  # they reach the server and wait behind the call in the database
+        lock.rollback()  # the first call goes on; the five go in the next one
+    for t in [first, *rest]:
+        t.join(timeout=30)
+
+    assert [answers[k].status_code for k in range(6)] == [200] * 5 + [409]
+    jobs = [answers[k].json()["job"]["id"] for k in range(5)]
+    assert len(set(jobs)) == 5
+    srv.stop()  # its connections flush their function statistics
+    calls = _calls(pg.url_for(dbname))
+    assert calls.get("ow_claim_batch_v1") == 2, calls  # one call for the first, one for the five
+    assert calls.get("ow_claim_v1") == 5, calls  # the shut-down worker's raised: not counted
+    with psycopg.connect(pg.url_for(dbname)) as conn:
+        runs = conn.execute("SELECT worker_id FROM runs ORDER BY id").fetchall()
+        assert sorted(w for (w,) in runs) == sorted(workers[:5])  # nothing of the fallback's

@@ -252,6 +252,53 @@ def test_secret_writes_and_revocations_reach_other_servers(server_factory, pg):
     wait_until(lambda: _api(b.url, tok["token"]).get("/v1/me").status_code == 401, 5, "revoked")
 
 
+def test_a_job_created_on_one_server_wakes_a_claim_parked_on_another_and_back(server_factory, pg):
+    """A new job (created in one round trip, its NOTIFY in the insert's statement) reaches a
+    claim parked on another server at once, not at the end of its 10 s slice; the claim's
+    completion (ow_claim_v1's NOTIFYs) reaches a `wait` parked on the first (5 s slices)."""
+    import time
+
+    url = pg.create_database()
+    key = Fernet.generate_key().decode()
+    a = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
+    b = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
+    admin = a.signup()
+    api_a, api_b = _api(a.url, admin), _api(b.url, admin)
+    w = api_b.post("/v1/workers", json={"name": "w", "any_hardware": True}).json()["id"]
+    got: dict = {}
+
+    def park(name: str, fn) -> threading.Thread:
+        def run():
+            t0 = time.monotonic()
+            got[name] = fn()
+            got[name + "_s"] = time.monotonic() - t0
+
+        th = threading.Thread(target=run)
+        th.start()
+        return th
+
+    with _api(b.url, admin) as claimer:
+        th = park("claim", lambda: claimer.post(f"/v1/workers/{w}/claim", json={"wait_s": 20}))
+        time.sleep(0.5)  # parked on b
+        job = api_a.post("/v1/jobs", json={"type": "custom", "script": "true", "params": {}})
+        assert job.status_code == 200 and job.json()["status"] == "pending"
+        th.join(timeout=30)
+    assert got["claim"].status_code == 200 and got["claim_s"] < 4.0, got
+    claimed = got["claim"].json()
+    assert claimed["job"]["id"] == job.json()["id"]
+
+    with _api(a.url, admin) as waiter:
+        th = park("wait", lambda: waiter.get(f"/v1/jobs/{job.json()['id']}/wait?timeout_s=20"))
+        time.sleep(0.5)  # parked on a
+        done = {"run_id": claimed["run"]["id"], "status": "completed", "exit_code": 0}
+        assert (
+            api_b.post(f"/v1/workers/{w}/claim", json={"wait_s": 0, "done": done}).status_code
+            == 204
+        )
+        th.join(timeout=30)
+    assert got["wait"].json()["status"] == "completed" and got["wait_s"] < 4.5, got
+
+
 # -- the same store functions on the driver's own connection (server/fast.py) ---------------
 
 

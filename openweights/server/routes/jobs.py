@@ -71,16 +71,17 @@ async def create(state, p: Principal, body: t.JobCreateParams) -> t.JobObject:
     def both():  # PostgreSQL: one thread hop; a new job in one round trip
         nonlocal row
         now = h.fresh_now()
-        if now is not None:
-            out = q.create_new_job_once(
-                h.raw, p.org_id, body, now, state.settings.max_attempts,
-                state.settings.worker_offline_s,
-                lambda jid: (CHANNEL, [queue_key(p.org_id), job_key(p.org_id, jid)]),
-            )  # fmt: skip
-            if out is not None:
-                row, why = out
-                state.committed(queue_key(p.org_id), job_key(p.org_id, row["id"]))
-                return convert.job(row, why)
+        if now is None:  # the clock is read again (at most once a second)
+            now = h.run_sync(h.now, False)
+        out = q.create_new_job_once(
+            h.raw, p.org_id, body, now, state.settings.max_attempts,
+            state.settings.worker_offline_s,
+            lambda jid: (CHANNEL, [queue_key(p.org_id), job_key(p.org_id, jid)]),
+        )  # fmt: skip
+        if out is not None:
+            row, why = out
+            state.committed(queue_key(p.org_id), job_key(p.org_id, row["id"]))
+            return convert.job(row, why)
         row, keys = h.run_sync(write)
         state.committed(*keys)
         return convert.job(row) if row["status"] != "pending" else h.run_sync(reason, False)
