@@ -116,9 +116,9 @@ class PgClaim:
                 fut.set_result(out)
 
     async def _call_many(self, items: list[dict]) -> list[dict]:
-        """One call of `ow_claim_batch_v1` in its own transaction, in one round trip (BEGIN, the
-        call and COMMIT pipelined), on this server's claim connection: an asyncio one, on the
-        event loop (one call at a time uses it: no thread hop, no pool)."""
+        """One call of `ow_claim_batch_v1`, a transaction of its own, in one round trip, on this
+        server's claim connection: an asyncio one, on the event loop (one call at a time uses
+        it: no thread hop, no pool)."""
         import psycopg
         from psycopg.types.json import Jsonb
 
@@ -126,13 +126,11 @@ class PgClaim:
         self.batches += 1
         c = self._conn
         if c is None or c.closed:
-            c = self._conn = await psycopg.AsyncConnection.connect(self.raw.dsn)
+            # autocommit: the call is a transaction of its own (no BEGIN, no COMMIT to send)
+            c = self._conn = await psycopg.AsyncConnection.connect(self.raw.dsn, autocommit=True)
             self.raw.own_pids.add(c.info.backend_pid)  # its NOTIFYs are this server's own
         try:
-            cur = c.cursor()
-            async with c.pipeline():
-                await cur.execute(BATCH_SQL, {"items": Jsonb(items)})
-                await c.commit()
+            cur = await c.execute(BATCH_SQL, {"items": Jsonb(items)})
             row = await cur.fetchone()
             await cur.close()
         except BaseException as e:
@@ -140,8 +138,6 @@ class PgClaim:
                 self.raw.own_pids.discard(c.info.backend_pid)
                 self._conn = None
                 await c.close()
-            else:
-                await c.rollback()
             if isinstance(e, psycopg.errors.UndefinedFunction):
                 log.warning("ow_claim_batch_v1 is missing (migration 0006 not applied): claims "
                             "use the Python path")  # fmt: skip

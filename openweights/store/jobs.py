@@ -135,8 +135,8 @@ def create_new_job_once(
     notify: Callable[[str], tuple[str, list[str]]],
 ) -> tuple[dict, str] | None:
     """PostgreSQL (`queries.RawDatabase`), the common case of `create_job` — a new job — in one
-    round trip: the insert, the NOTIFY of `notify(job_id)` (channel, keys) and what its pending
-    reason needs, in one transaction. Returns (row, pending reason); None when the transaction
+    round trip: the insert with the NOTIFY of `notify(job_id)` (channel, keys) in one statement,
+    then what its pending reason needs. Returns (row, pending reason); None when the transaction
     path must answer (a resubmit of an existing id, where nothing was written; params that need
     the org's name)."""
     try:

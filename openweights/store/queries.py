@@ -748,18 +748,12 @@ class RawDatabase:
         """PostgreSQL: the libpq connection string."""
         return self._dsn
 
-    def call_once(self, sql: str, params: dict) -> Any:
-        """PostgreSQL: one statement (a function call) in its own transaction, in one round trip
-        (BEGIN, the statement and COMMIT pipelined); the first column of its first row. On an
-        error the transaction is rolled back (nothing of it stays) and the error raised; a
-        connection the database dropped is discarded."""
-        (row,) = self._pipelined([(sql, params)])
-        return row[0] if row else None
-
     def once(self, *statements: tuple[Any, dict]) -> list[tuple | None]:
-        """PostgreSQL: named statements of this module (`query`'s) in one transaction, in one
-        round trip (BEGIN, the statements in order and COMMIT pipelined); the first row of each
-        (None: it returned none). On an error nothing of them stays and the error is raised."""
+        """PostgreSQL: named statements of this module (`query`'s), in order, in one round trip
+        (pipelined, in autocommit: no BEGIN or COMMIT to send; the server runs what comes
+        before the pipeline's sync point in one implicit transaction); the first row of each
+        (None: it returned none). On an error nothing of the failing statement stays, those
+        after it do not run, and the error is raised."""
         sent = []
         for stmt, params in statements:
             raw = RAW.get(id(stmt))
@@ -778,12 +772,12 @@ class RawDatabase:
             self.own_pids.add(c.info.backend_pid)
             with self._lock:
                 self._all.append(c)
+        c.autocommit = True
         try:
             curs = [c.cursor() for _ in statements]
             with c.pipeline():
                 for cur, (sql, params) in zip(curs, statements, strict=True):
                     cur.execute(sql, params)
-                c.commit()
             rows = [cur.fetchone() if cur.description is not None else None for cur in curs]
             for cur in curs:
                 cur.close()
@@ -791,10 +785,11 @@ class RawDatabase:
             if c.broken or c.closed:
                 self._discard(c)
             else:
-                c.rollback()
+                c.autocommit = False
                 with self._lock:
                     self._idle.append(c)
             raise
+        c.autocommit = False
         with self._lock:
             self._idle.append(c)
         return rows
