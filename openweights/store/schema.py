@@ -102,7 +102,7 @@ jobs = Table(
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     UniqueConstraint("org_id", "id", name="uq_jobs_org_id"),
-    Index("ix_jobs_claim", "org_id", "status", "queued_at"),
+    Index("ix_jobs_claim", "org_id", "status", "queued_at", "pk"),
     Index("ix_jobs_org_created", "org_id", "created_at"),
 )
 
