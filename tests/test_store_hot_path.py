@@ -232,13 +232,18 @@ def test_a_claim_sees_secret_writes_at_once(server):
     assert r.status_code == 404 and r.headers["x-request-id"] and r.json()["error"]["type"]
 
 
-@pytest.mark.postgres
-def test_secret_writes_and_revocations_reach_other_servers(server_factory, pg):
+def _two_servers(server_factory, pg):
+    """Two servers on one fresh PostgreSQL database (one secret key), and an admin key."""
     url = pg.create_database()
     key = Fernet.generate_key().decode()
     a = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
     b = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
-    admin = a.signup()
+    return a, b, a.signup()
+
+
+@pytest.mark.postgres
+def test_secret_writes_and_revocations_reach_other_servers(server_factory, pg):
+    a, b, admin = _two_servers(server_factory, pg)
     api_a, api_b = _api(a.url, admin), _api(b.url, admin)
     w = api_b.post("/v1/workers", json={"name": "w", "any_hardware": True}).json()["id"]
     api_a.put("/v1/secrets/HF_TOKEN", json={"value": "one"})
@@ -252,17 +257,14 @@ def test_secret_writes_and_revocations_reach_other_servers(server_factory, pg):
     wait_until(lambda: _api(b.url, tok["token"]).get("/v1/me").status_code == 401, 5, "revoked")
 
 
+@pytest.mark.postgres
 def test_a_job_created_on_one_server_wakes_a_claim_parked_on_another_and_back(server_factory, pg):
     """A new job (created in one round trip, its NOTIFY in the insert's statement) reaches a
     claim parked on another server at once, not at the end of its 10 s slice; the claim's
     completion (ow_claim_v1's NOTIFYs) reaches a `wait` parked on the first (5 s slices)."""
     import time
 
-    url = pg.create_database()
-    key = Fernet.generate_key().decode()
-    a = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
-    b = server_factory("postgres", OPENWEIGHTS_DATABASE_URL=url, OPENWEIGHTS_SECRET_KEY=key)
-    admin = a.signup()
+    a, b, admin = _two_servers(server_factory, pg)
     api_a, api_b = _api(a.url, admin), _api(b.url, admin)
     w = api_b.post("/v1/workers", json={"name": "w", "any_hardware": True}).json()["id"]
     got: dict = {}
