@@ -234,6 +234,36 @@ def transfer(
     }
 
 
+def store_floor(be, src: Path, size_mib: int, sha: str) -> dict | None:
+    """PostgreSQL + S3: the blob store's own speed, in-process, on the same moto endpoint,
+    through the server's own `S3Blobs` (same boto3 transfer settings): what a transfer through
+    the server cannot beat (the server puts the spooled upload with it, and streams downloads
+    from it)."""
+    if be.s3 is None:
+        return None
+    from openweights.store.blobs import S3Blobs
+
+    saved = dict(os.environ)
+    os.environ.update(be.s3.env())
+    try:
+        blobs = S3Blobs(be.s3.bucket, f"floor-{size_mib}", Path(tempfile.mkdtemp()))
+        t0 = perf_counter()
+        blobs.put_file(sha, src)
+        up_s = perf_counter() - t0
+        t0 = perf_counter()
+        n = sum(len(c) for c in blobs.iter_bytes(sha))
+        down_s = perf_counter() - t0
+        assert n == size_mib * MiB
+        blobs.client.delete_object(Bucket=be.s3.bucket, Key=blobs._key(sha))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {
+        "put_file_mib_per_s": round(size_mib / up_s, 1),
+        "iter_bytes_mib_per_s": round(size_mib / down_s, 1),
+    }
+
+
 def bench_size(be, size_mib: int, scratch: Path, clients: list[str]) -> dict:
     size = size_mib * MiB
     src, dst = scratch / f"src-{size_mib}", scratch / f"dst-{size_mib}"
@@ -244,6 +274,7 @@ def bench_size(be, size_mib: int, scratch: Path, clients: list[str]) -> dict:
         timed_cp(src, dst)  # warm-up: the source is in the page cache for every reader below
         cp_s = min(timed_cp(src, dst) for _ in range(2))
         res["cp"] = {"seconds": round(cp_s, 3), "mib_per_s": round(size_mib / cp_s, 1)}
+        res["store_floor"] = store_floor(be, src, size_mib, want_sha)
         for client in clients:
             res[client] = transfer(be, client, src, dst, size_mib, cp_s, want_sha)
     finally:
@@ -256,11 +287,14 @@ def markdown(results: dict) -> str:
     lines = []
     for name, r in results.get("backends", {}).items():
         lines.append(f"### {name}\n")
+        floors = any(s.get("store_floor") for s in r["sizes"])
         lines.append(
-            "| size | client | `cp` MiB/s | upload MiB/s (÷ cp) | download MiB/s (÷ cp) | client peak RSS up / down MiB | "
+            "| size | client | `cp` MiB/s | upload MiB/s (÷ cp) | download MiB/s (÷ cp) | "
+            + ("S3 store alone, in-process: put / get MiB/s (upload ÷ put) | " if floors else "")
+            + "client peak RSS up / down MiB | "
             "server peak RSS start → after up → after down MiB | `/health` p50 / max ms during up · down |"
         )
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---:|---|---:|---:|---:|" + ("---:|" if floors else "") + "---:|---:|---:|")
         bad = []
         for s in r["sizes"]:
             for client in ("httpx", "curl"):
@@ -273,7 +307,13 @@ def markdown(results: dict) -> str:
                     f"| {s['size_mib']} MiB | {client} | {s['cp']['mib_per_s']:,.0f} | "
                     f"{u['mib_per_s']:,.0f} ({u['ratio_vs_cp_throughput']:.2f}) | "
                     f"{d['mib_per_s']:,.0f} ({d['ratio_vs_cp_throughput']:.2f}) | "
-                    f"{u['client_peak_rss_mib']:.0f} / {d['client_peak_rss_mib']:.0f} | "
+                    + (
+                        f"{fl['put_file_mib_per_s']:,.0f} / {fl['iter_bytes_mib_per_s']:,.0f} "
+                        f"({u['mib_per_s'] / fl['put_file_mib_per_s']:.2f}) | "
+                        if (fl := s.get("store_floor"))
+                        else ""
+                    )
+                    + f"{u['client_peak_rss_mib']:.0f} / {d['client_peak_rss_mib']:.0f} | "
                     f"{t['server_peak_rss_mib_at_start']:.0f} → {u['server_peak_rss_mib_after']:.0f} → "
                     f"{d['server_peak_rss_mib_after']:.0f} | "
                     f"{hu.get('p50_ms', 0):.1f} / {hu.get('max_ms', 0):.0f} · {hd.get('p50_ms', 0):.1f} / {hd.get('max_ms', 0):.0f} |"

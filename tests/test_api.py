@@ -314,6 +314,47 @@ def test_upload_is_validated_with_file_line_and_field_and_nothing_is_stored(api)
     assert api.post("/v1/files", params={"purpose": "nope"}, content=b"x").status_code == 400
 
 
+def test_a_streamed_upload_is_stored_whole_or_not_at_all(server, api_key, api):
+    """A body of several blocks in uneven pieces is stored byte for byte under its sha256; an
+    upload cut short mid-body stores nothing and leaves no temporary file behind."""
+    import hashlib
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    data = os.urandom(5 * (1 << 20) + 12345)
+    sizes = iter([1, 70_000, 3 << 20, 999, 1 << 20] + [1 << 16] * 100)
+
+    def body():
+        at = 0
+        while at < len(data):
+            n = next(sizes)
+            yield data[at : at + n]
+            at += n
+
+    r = api.post("/v1/files", params={"purpose": "result", "filename": "blob.bin"}, content=body())
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert f["bytes"] == len(data)
+    got = api.get(f"/v1/files/{f['id']}/content")
+    assert got.headers["x-openweights-sha256"] == hashlib.sha256(data).hexdigest()
+    assert got.content == data
+    before = {x["id"] for x in api.get("/v1/files", params={"limit": 1000}).json()["data"]}
+
+    u = urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(
+            b"POST /v1/files?purpose=result&filename=cut.bin HTTP/1.1\r\n"
+            + f"Host: {u.hostname}\r\nAuthorization: Bearer {api_key}\r\n".encode()
+            + b"Content-Type: application/octet-stream\r\nContent-Length: 8388608\r\n\r\n"
+        )
+        s.sendall(os.urandom(3 << 20))
+    tmp = server.home / "tmp"
+    wait_until(lambda: not list(tmp.glob("upload-*")), 10, "the cut upload's spool file deleted")
+    after = {x["id"] for x in api.get("/v1/files", params={"limit": 1000}).json()["data"]}
+    assert after == before
+
+
 def test_other_orgs_ids_look_like_missing_ones(server, api):
     w = register(api)
     job = api.post("/v1/jobs", json=job_body(script="echo mine")).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
@@ -24,7 +25,14 @@ FILENAME_MAX = 500
 
 
 class _Spool:
-    """Write chunks to a temp file while hashing them: memory stays flat for any size."""
+    """Write chunks to a temp file while hashing them: memory stays flat for any size.
+
+    The body arrives in small pieces (uvicorn hands over what one socket read gave); they are
+    gathered into `BLOCK`s, and each block is written and hashed in a thread while the event
+    loop receives the next one (hashlib and file writes release the GIL on big buffers). One
+    block is in flight at a time, so at most two are held."""
+
+    BLOCK = 1 << 20
 
     def __init__(self, tmp_dir: Path) -> None:
         fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
@@ -32,18 +40,49 @@ class _Spool:
         self.f = os.fdopen(fd, "wb")
         self.h = hashlib.sha256()
         self.size = 0
+        self._parts: list[bytes] = []
+        self._held = 0
+        self._inflight: asyncio.Future | None = None
 
-    def write(self, chunk: bytes) -> None:
-        self.f.write(chunk)
-        self.h.update(chunk)
+    def _write(self, block: bytes) -> None:
+        self.f.write(block)
+        self.h.update(block)
+
+    async def write(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._held += len(chunk)
         self.size += len(chunk)
+        if self._held >= self.BLOCK:
+            await self._flush()
 
-    def close(self) -> None:
+    async def _flush(self) -> None:
+        block = b"".join(self._parts) if len(self._parts) != 1 else self._parts[0]
+        self._parts, self._held = [], 0
+        if self._inflight is not None:
+            await self._inflight
+        self._inflight = asyncio.get_running_loop().run_in_executor(None, self._write, block)
+
+    async def close(self) -> None:
+        if self._held:
+            await self._flush()
+        if self._inflight is not None:
+            await self._inflight
+            self._inflight = None
         self.f.close()
 
     def discard(self) -> None:
+        # a write still in flight (the request was cut short) finishes on a closed file or not
+        # at all: its error is of no interest, the file is deleted
+        if self._inflight is not None:
+            self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.f.close()
         self.path.unlink(missing_ok=True)
+
+
+class _File(FileResponse):
+    """A local blob, sent in 1 MiB reads (Starlette reads 64 KiB, one thread hop each)."""
+
+    chunk_size = 1 << 20
 
 
 @router.post("/files", response_model=t.FileObject)
@@ -68,11 +107,11 @@ async def create_file(
             )
             filename = filename or upload.filename
             while chunk := await upload.read(1 << 20):
-                spool.write(chunk)
+                await spool.write(chunk)
         else:
             async for chunk in request.stream():
-                spool.write(chunk)
-        spool.close()
+                await spool.write(chunk)
+        await spool.close()
         if not purpose:
             raise Invalid("Give the file's purpose, e.g. ?purpose=conversations.", param="purpose")
         if purpose not in PURPOSES:
@@ -175,7 +214,7 @@ async def file_content(file_id: str, request: Request, p: Principal = Depends(pr
     headers = {"x-openweights-sha256": row["sha256"]}
     local = state.blobs.local_path(row["sha256"])
     if local is not None:
-        return FileResponse(
+        return _File(
             local, media_type="application/octet-stream", filename=row["filename"], headers=headers
         )
     headers["content-length"] = str(row["bytes"])
