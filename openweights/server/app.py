@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from openweights import __version__ as VERSION
 from openweights._settings import Settings
 from openweights.server.notify import job_key, queue_key, run_key
 from openweights.server.state import AppState
@@ -19,7 +20,6 @@ from openweights.store import jobs as q
 from openweights.store.errors import StoreError
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 def _error(
