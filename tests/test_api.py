@@ -84,6 +84,32 @@ def test_pending_job_says_why_it_waits(api):
     assert "No live worker fits" in reason and "80 GB" in reason
 
 
+def test_a_job_behind_a_busy_worker_counts_the_jobs_ahead_up_to_a_cap(api):
+    """The reason of a job behind a busy worker counts the jobs queued before it, up to
+    AHEAD_CAP (beyond it "over N": the count is paid on every create and must not grow with
+    the queue)."""
+    from openweights.store.jobs import AHEAD_CAP
+
+    w = register(api)
+    assert claim(api, w, wait_s=0) is None
+    api.post("/v1/jobs", json=job_body(job_id_suffix="running"))
+    assert claim(api, w, wait_s=0) is not None  # the worker is busy from now on
+    first = api.post("/v1/jobs", json=job_body(job_id_suffix="q0")).json()
+    assert first["pending_reason"] == (
+        "Waiting for a free worker: 1 of 1 fitting worker(s) busy, 0 job(s) ahead."
+    )
+    third = [api.post("/v1/jobs", json=job_body(job_id_suffix=f"q{i}")).json() for i in (1, 2)][1]
+    assert third["pending_reason"].endswith(", 2 job(s) ahead."), third["pending_reason"]
+    for i in range(3, AHEAD_CAP):  # q0 … q999: AHEAD_CAP jobs ahead of the next, counted exactly
+        assert api.post("/v1/jobs", json=job_body(job_id_suffix=f"q{i}")).status_code == 200
+    at_cap = api.post("/v1/jobs", json=job_body(job_id_suffix="at-cap")).json()
+    assert at_cap["pending_reason"].endswith(f", {AHEAD_CAP} job(s) ahead."), at_cap
+    over = api.post("/v1/jobs", json=job_body(job_id_suffix="over")).json()
+    assert over["pending_reason"].endswith(f", over {AHEAD_CAP} job(s) ahead."), over
+    # the same reason on a read (the other code path on both databases)
+    assert api.get(f"/v1/jobs/{over['id']}").json()["pending_reason"] == over["pending_reason"]
+
+
 def test_claim_matches_hardware_and_vram(api):
     cpu = register(api)
     gpu = register(

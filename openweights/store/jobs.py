@@ -24,6 +24,9 @@ from openweights.store.orgs import Principal
 from openweights.store.queries import QUERIES, query
 
 TERMINAL = ("completed", "failed", "canceled")
+#: a pending reason counts the jobs ahead up to this many (beyond it: "over N"), so that its
+#: cost, paid on every create, does not grow with the queue
+AHEAD_CAP = 1000
 J, R, W, E = s.jobs, s.runs, s.workers, s.events
 
 
@@ -149,7 +152,7 @@ def create_new_job_once(
          {**row, "now": now, "channel": channel, "keys": keys}),
         (QUERIES[("pending_inputs", "postgresql")],
          {"org_id": org_id, "job_id": row["id"], "now": now, "since": now - offline_s,
-          "queued_at": now}),
+          "queued_at": now, "cap": AHEAD_CAP + 1}),
     )  # fmt: skip
     if inserted is None:
         return None
@@ -342,7 +345,7 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
         row = conn.execute(
             query(conn, "pending_inputs"),
             {"org_id": org_id, "job_id": job["id"], "now": now, "since": since,
-             "queued_at": job["queued_at"]},
+             "queued_at": job["queued_at"], "cap": AHEAD_CAP + 1},
         ).first()  # fmt: skip
         manager, live, n_ahead = row[0], json.loads(row[1]), row[2]
         ahead: Callable[[], int] = lambda: n_ahead  # noqa: E731
@@ -359,7 +362,8 @@ def pending_reason(conn: Connection, job: dict, now: float, offline_s: float) ->
 
         def ahead() -> int:
             return conn.execute(
-                query(conn, "jobs_ahead"), {"org_id": org_id, "queued_at": job["queued_at"]}
+                query(conn, "jobs_ahead"),
+                {"org_id": org_id, "queued_at": job["queued_at"], "cap": AHEAD_CAP + 1},
             ).scalar_one()
 
     return _reason(job, manager, live, ahead)
@@ -392,7 +396,12 @@ def _workers_reason(
         offer = ", ".join(sorted({f"{w['hardware_type']} ({w['vram_gb']:g} GB)" for w in live}))
         return f"No live worker fits: the job needs {need}; live workers offer {offer}."
     busy = sum(1 for w in fitting if w["current_run_id"] is not None)
-    return f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, {ahead()} job(s) ahead."
+    n = ahead()
+    n_text = f"over {AHEAD_CAP}" if n > AHEAD_CAP else str(n)
+    return (
+        f"Waiting for a free worker: {busy} of {len(fitting)} fitting worker(s) busy, "
+        f"{n_text} job(s) ahead."
+    )
 
 
 # -- workers ---------------------------------------------------------------------------------

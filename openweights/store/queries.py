@@ -100,18 +100,20 @@ FROM ins
 
 -- pending_inputs:postgresql --
 -- What a pending job's reason needs in one round trip: the manager's reason, live workers, jobs ahead.
+WITH w AS (SELECT id, hardware_type, vram_gb, docker_image, any_hardware, current_run_id
+           FROM workers WHERE org_id = :org_id AND status = 'active' AND last_seen_at >= :since)
 SELECT (SELECT reason FROM cluster_waits
         WHERE org_id = :org_id AND job_id = :job_id AND expires_at >= :now) AS reason,
-       (SELECT coalesce(json_agg(w), '[]')::text
-        FROM (SELECT id, hardware_type, vram_gb, docker_image, any_hardware, current_run_id
-              FROM workers WHERE org_id = :org_id AND status = 'active'
-                AND last_seen_at >= :since) AS w) AS live,
-       (SELECT count(*) FROM jobs
-        WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at) AS ahead
+       (SELECT coalesce(json_agg(w), '[]')::text FROM w) AS live,
+       CASE WHEN EXISTS (SELECT 1 FROM w)
+            THEN (SELECT count(*) FROM (SELECT 1 FROM jobs
+                  WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at
+                  LIMIT :cap) AS a) END AS ahead
 
 -- jobs_ahead --
--- How many pending jobs of an org were queued before a time.
-SELECT count(*) FROM jobs WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at
+-- How many pending jobs of an org were queued before a time, counted up to :cap (a bounded scan).
+SELECT count(*) FROM (SELECT 1 FROM jobs
+    WHERE org_id = :org_id AND status = 'pending' AND queued_at < :queued_at LIMIT :cap) AS a
 
 -- touch_worker --
 -- A worker was heard from.
