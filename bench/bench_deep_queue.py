@@ -3,7 +3,8 @@
 A real server process on one backend; one registered worker holds a run (busy: every new job's
 pending reason counts the jobs ahead), a second one claims and completes. At each depth the
 pending jobs are added straight into the database (copies of one job row, one statement), then
-`POST /v1/jobs`, `GET /v1/jobs/{id}` of the newest pending job and claim+complete cycles are
+`POST /v1/jobs`, `GET /v1/jobs/{id}` of the newest pending job, claim+complete cycles, a page of
+`GET /v1/jobs` (all, and pending only) and a `POST /v1/jobs/find` that matches nothing are
 timed, each beside `GET /health` on the same connection in the same loop (the floor). Target:
 flat — no route's cost grows with the queue.
 
@@ -55,8 +56,8 @@ def fill(srv, backend_name: str, depth: int) -> int:
         for c in cols:
             if c == "id":
                 exprs.append(f"j.id || '-deep{depth}-' || g")
-            elif c == "queued_at":  # older than anything the benchmark creates next
-                exprs.append("j.queued_at - 1000 + g * 0.000001")
+            elif c in ("queued_at", "created_at", "updated_at"):  # older than what comes next
+                exprs.append(f"j.{c} - 1000 + g * 0.000001")
             else:
                 exprs.append(f"j.{c}")
         conn.execute(
@@ -124,10 +125,26 @@ def main() -> None:
                 got = post(f"/v1/workers/{claimer}/claim", {"wait_s": 0}).json()
                 post(f"/v1/runs/{got['run']['id']}/complete", {"status": "completed"})
 
+            def listed(status: str | None = None) -> None:
+                q = "?limit=100" + (f"&status={status}" if status else "")
+                assert http.get("/v1/jobs" + q).status_code == 200
+
+            def find() -> None:  # a miss: the worst case, every job of the org looked at
+                body = {"params": {"no such": "param"}, "status": "pending"}
+                assert post("/v1/jobs/find", body).json()["data"] == []
+
             row = {"pending": pending}
-            for name, fn in (("create", create), ("read", read), ("claim+complete", cycle)):
+            routes = (
+                ("create", create, args.n),
+                ("read", read, args.n),
+                ("claim+complete", cycle, args.n),
+                ("list", listed, args.n // 4),
+                ("list pending", lambda: listed("pending"), args.n // 4),
+                ("find (miss)", find, max(3, args.n // 40)),
+            )
+            for name, fn, n in routes:
                 fn()  # warm-up
-                route, floor = timed(fn, http, args.n)
+                route, floor = timed(fn, http, n)
                 row[name] = {"route": route, "health": floor,
                              "ratio_p50": route["p50_ms"] / floor["p50_ms"]}  # fmt: skip
             last_reason = http.get(f"/v1/jobs/{last['id']}").json().get("pending_reason")
@@ -135,7 +152,7 @@ def main() -> None:
             results["depths"].append(row)
             print(f"{pending:>7} pending: " + "; ".join(
                 f"{k} p50 {row[k]['route']['p50_ms']:.2f} ms ({row[k]['ratio_p50']:.2f}x /health)"
-                for k in ("create", "read", "claim+complete")
+                for k, _, _ in routes
             ) + f" | {last_reason}")  # fmt: skip
         srv.stop()
     out = Path(__file__).parent / "results" / f"deep_queue_{args.backend}.json"

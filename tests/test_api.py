@@ -504,6 +504,61 @@ def test_find_matches_validated_params(api):
     assert [j["params"]["validated_params"]["model"] for j in found] == ["m1"]
 
 
+@pytest.mark.parametrize(
+    ("want", "found"),
+    [
+        ({"lr": 1}, ["a", "c"]),  # 1 == 1.0, as JSON numbers
+        ({"lr": 1.0}, ["a", "c"]),
+        ({"flag": True}, ["a"]),  # a boolean is not the number 1
+        ({"flag": 1}, ["b"]),
+        ({"name": "x.y"}, ["a"]),
+        ({"name": "1"}, []),  # a string is not a number
+        ({"a.b": 2}, ["b"]),  # a key with a dot
+        ({'q"k': 3}, ["c"]),  # a key a JSON path cannot name plainly
+        ({"cfg": {"x": 1}}, ["a", "b"]),
+        ({"cfg": {"x": 1, "y": None}}, ["b"]),
+        ({"cfg": {"z": None}}, []),  # null is a value: the key must be there
+        ({"layers": [2]}, ["a", "b"]),  # lists by containment
+        ({"layers": [1, 3]}, ["a"]),
+        ({"layers": [4]}, []),
+        ({"big": 2**64}, ["c"]),  # beyond SQLite's integers
+        ({"nope": "x"}, []),
+        ({}, ["a", "b", "c"]),
+    ],
+)
+def test_find_matches_as_json_containment_on_both_databases(api, want, found):
+    """`find` answers as PostgreSQL's jsonb `@>` does, on both databases (SQLite matches the
+    scalar values with its JSON functions first, then checks containment exactly)."""
+    jobs = {
+        "a": {"lr": 1, "flag": True, "name": "x.y", "cfg": {"x": 1}, "layers": [1, 2, 3]},
+        "b": {"lr": 2, "flag": 1, "a.b": 2, "cfg": {"x": 1, "y": None}, "layers": [2]},
+        "c": {"lr": 1.0, "flag": False, 'q"k': 3, "big": 2**64, "layers": "123"},
+    }
+    for name, vp in jobs.items():
+        r = api.post("/v1/jobs", json=job_body(job_id_suffix=name, params={"validated_params": vp}))
+        assert r.status_code == 200, r.text
+    got = api.post("/v1/jobs/find", json={"params": want}).json()["data"]
+    assert sorted(j["id"].rsplit("-", 1)[1] for j in got) == found
+
+
+def test_an_integer_beyond_64_bits_is_kept_exact_on_every_create(api):
+    """The first create of a token goes through the FastAPI route, later ones through the fast
+    path: both keep params exactly (and so give one content hash)."""
+    big = {"validated_params": {"seed": 2**64 + 1, "n": -(2**70)}}
+    ids = []
+    for suffix in (
+        None,
+        None,
+        "again",
+    ):  # the 1st through the route, the next through the fast path
+        r = api.post("/v1/jobs", json=job_body(params=big, job_id_suffix=suffix))
+        assert r.status_code == 200 and r.json()["params"] == big, r.text
+        ids.append(r.json()["id"])
+    assert ids[0] == ids[1] and ids[2] == ids[0] + "-again"
+    got = api.get(f"/v1/jobs/{ids[2]}").json()
+    assert got["params"] == big
+
+
 def test_mass_assignment_and_oversized_bodies_are_refused(api):
     r = api.post(
         "/v1/jobs", json=job_body(org_id="org-other", status="completed", outputs={"x": 1})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,9 @@ except ImportError:  # pragma: no cover - orjson is optional
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BODY = 64 << 10
+#: 20 digits in a row: maybe an integer beyond 64 bits, which orjson would read as a float (the
+#: route's own parser keeps it exact)
+_LONG_DIGITS = re.compile(rb"\d{20}")
 CLOCK_REFRESH_S = 1.0
 _JSON = b"application/json"
 
@@ -199,6 +203,8 @@ class FastPath:
                 break
         raw = b"".join(chunks)
         try:
+            if _LONG_DIGITS.search(raw):  # orjson reads integers beyond 64 bits as floats
+                raise _Fallback
             body = _loads(raw)
             if type(body) is not dict:
                 raise _Fallback

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,6 +267,10 @@ def find_jobs(
         q = q.where(type_coerce(J.c.params, JSONB).contains({"validated_params": params}))
         q = q.order_by(J.c.created_at.desc()).limit(limit)
         return [dict(r) for r in conn.execute(q).mappings()]
+    # SQLite: the scalar values are matched by SQLite's JSON functions first (a superset of the
+    # matches: the exact containment is checked below), so a miss is not a JSON decode per job
+    for path, value in _scalar_leaves(params, "$.validated_params"):
+        q = q.where(func.json_extract(J.c.params, path) == value)
     out = []
     for r in conn.execute(q.order_by(J.c.created_at.desc())).mappings():
         vp = (r["params"] or {}).get("validated_params") or {}
@@ -277,12 +281,38 @@ def find_jobs(
     return out
 
 
+def _scalar_leaves(want: dict, path: str) -> Iterator[tuple[str, str | int | float]]:
+    """(JSON path, value) of each string, number and boolean `want` holds in nested dicts, for
+    `json_extract(...) = value`: a condition every job that contains `want` meets (JSON true and
+    false read as 1 and 0 there: `_contains` tells them from numbers). Other values (null, lists,
+    integers SQLite cannot hold) and keys a JSON path cannot name plainly are left to it."""
+    for k, v in want.items():
+        if not _PATH_KEY.fullmatch(k):
+            continue
+        if isinstance(v, dict):
+            yield from _scalar_leaves(v, f'{path}."{k}"')
+        elif isinstance(v, (str, int, float)) and not (isinstance(v, int) and abs(v) >= 2**63):
+            yield f'{path}."{k}"', int(v) if isinstance(v, bool) else v  # bool is an int
+
+
+_PATH_KEY = re.compile(r"[^\"\\\x00-\x1f]+")
+
+
 def _contains(have: Any, want: Any) -> bool:
+    """`have @> want` as PostgreSQL's jsonb has it, so both databases find the same jobs: dicts
+    and lists by containment (each wanted element contained in some element), booleans never
+    equal to numbers, numbers by value (1 == 1.0)."""
     if isinstance(want, dict):
         return isinstance(have, dict) and all(
             k in have and _contains(have[k], v) for k, v in want.items()
         )
-    return have == want
+    if isinstance(want, list):
+        return isinstance(have, list) and all(any(_contains(h, w) for h in have) for w in want)
+    if isinstance(want, bool) or isinstance(have, bool):
+        return type(have) is type(want) and have == want
+    if isinstance(want, (int, float)):
+        return isinstance(have, (int, float)) and have == want
+    return type(have) is type(want) and have == want
 
 
 def cancel_job(conn: Connection, org_id: str, job_id: str, now: float) -> dict:
