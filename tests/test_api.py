@@ -541,6 +541,27 @@ def test_find_matches_as_json_containment_on_both_databases(api, want, found):
     assert sorted(j["id"].rsplit("-", 1)[1] for j in got) == found
 
 
+def test_find_and_list_filter_by_id_prefix_on_the_server(api, server, api_key):
+    """One kind of custom job among many: `id_prefix` is applied by the server, before `limit`
+    (so newer jobs of other kinds cannot push it off the page), `_` in it is a literal."""
+    from openweights import OpenWeights
+
+    vp = {"validated_params": {"x": 1}}
+    mine = api.post("/v1/jobs", json=job_body(id_prefix="a_b", params=vp)).json()["id"]
+    for i in range(5):  # newer jobs with the same params; `axb-` would match a LIKE 'a_b-%'
+        api.post("/v1/jobs", json=job_body(id_prefix="axb", params=vp, job_id_suffix=str(i)))
+    found = api.post("/v1/jobs/find", json={"params": {"x": 1}, "id_prefix": "a_b", "limit": 1})
+    assert [j["id"] for j in found.json()["data"]] == [mine]
+    page = api.get("/v1/jobs", params={"id_prefix": "a_b", "limit": 1}).json()
+    assert [j["id"] for j in page["data"]] == [mine] and page["has_more"] is False
+    assert len(api.get("/v1/jobs", params={"id_prefix": "axb"}).json()["data"]) == 5
+    bad = api.get("/v1/jobs", params={"id_prefix": "A%"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "id_prefix", bad.text
+    ow = OpenWeights(base_url=server.url, api_key=api_key)
+    assert [j.id for j in ow.jobs.find(id_prefix="a_b", limit=1, x=1)] == [mine]
+    assert [j.id for j in ow.jobs.list(id_prefix="a_b", limit=1)] == [mine]
+
+
 def test_an_integer_beyond_64_bits_is_kept_exact_on_every_create(api):
     """The first create of a token goes through the FastAPI route, later ones through the fast
     path: both keep params exactly (and so give one content hash)."""

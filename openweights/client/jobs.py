@@ -222,18 +222,21 @@ def _create_body(request: JobCreateParams) -> dict[str, Any]:
 
 
 def _find_body(
-    *, type: str | None, status: str | None, limit: int, params: dict[str, Any]
+    *,
+    type: str | None,
+    status: str | None,
+    limit: int,
+    id_prefix: str | None,
+    params: dict[str, Any],
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"params": params, "limit": limit}
     if type is not None:
         body["type"] = type
     if status is not None:
         body["status"] = status
+    if id_prefix is not None:
+        body["id_prefix"] = id_prefix
     return body
-
-
-def _matches_prefix(job_id: str, id_prefix: str | None) -> bool:
-    return id_prefix is None or job_id.startswith(f"{id_prefix}-")
 
 
 def _condition_met(job: JobObject, until: Until) -> bool:
@@ -379,14 +382,11 @@ class JobsResource(SyncResource):
         out: list[Job] = []
         after = None
         while len(out) < limit:
-            page = min(1000, limit - len(out)) if id_prefix is None else 1000
-            body = self._http.request(
-                "GET",
-                "/v1/jobs",
-                params={"status": status, "type": type, "limit": page, "after": after},
-            ).json()
+            query = {"status": status, "type": type, "id_prefix": id_prefix, "after": after}
+            query["limit"] = min(1000, limit - len(out))
+            body = self._http.request("GET", "/v1/jobs", params=query).json()
             data = body.get("data") or []
-            out += [self._job(d) for d in data if _matches_prefix(d["id"], id_prefix)]
+            out += [self._job(d) for d in data]
             if not body.get("has_more") or not data:
                 break
             after = data[-1]["id"]
@@ -413,12 +413,9 @@ class JobsResource(SyncResource):
         **params: Any,
     ) -> builtins.list[Job]:
         """Jobs whose `params.validated_params` contain these values: `find(model="x")`."""
-        body = _find_body(
-            type=type, status=status, limit=1000 if id_prefix else limit, params=params
-        )
+        body = _find_body(type=type, status=status, limit=limit, id_prefix=id_prefix, params=params)
         response = self._http.request("POST", "/v1/jobs/find", json=body, retry=True)
-        data = response.json().get("data") or []
-        return [self._job(d) for d in data if _matches_prefix(d["id"], id_prefix)][:limit]
+        return [self._job(d) for d in response.json().get("data") or []]
 
     def wait(
         self,
@@ -572,15 +569,11 @@ class AsyncJobsResource(AsyncResource):
         out: list[AsyncJob] = []
         after = None
         while len(out) < limit:
-            page = min(1000, limit - len(out)) if id_prefix is None else 1000
-            response = await self._http.request(
-                "GET",
-                "/v1/jobs",
-                params={"status": status, "type": type, "limit": page, "after": after},
-            )
-            body = response.json()
+            query = {"status": status, "type": type, "id_prefix": id_prefix, "after": after}
+            query["limit"] = min(1000, limit - len(out))
+            body = (await self._http.request("GET", "/v1/jobs", params=query)).json()
             data = body.get("data") or []
-            out += [self._job(d) for d in data if _matches_prefix(d["id"], id_prefix)]
+            out += [self._job(d) for d in data]
             if not body.get("has_more") or not data:
                 break
             after = data[-1]["id"]
@@ -607,12 +600,9 @@ class AsyncJobsResource(AsyncResource):
         **params: Any,
     ) -> builtins.list[AsyncJob]:
         """Jobs whose `params.validated_params` contain these values: `find(model="x")`."""
-        body = _find_body(
-            type=type, status=status, limit=1000 if id_prefix else limit, params=params
-        )
+        body = _find_body(type=type, status=status, limit=limit, id_prefix=id_prefix, params=params)
         response = await self._http.request("POST", "/v1/jobs/find", json=body, retry=True)
-        data = response.json().get("data") or []
-        return [self._job(d) for d in data if _matches_prefix(d["id"], id_prefix)][:limit]
+        return [self._job(d) for d in response.json().get("data") or []]
 
     async def wait(
         self,

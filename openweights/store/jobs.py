@@ -225,12 +225,15 @@ def list_jobs(
     type: str | None = None,
     limit: int = 100,
     after: str | None = None,
+    id_prefix: str | None = None,
 ) -> tuple[list[dict], bool]:
     q = select(J).where(J.c.org_id == org_id)
     if status:
         q = q.where(J.c.status == status)
     if type:
         q = q.where(J.c.type == type)
+    if id_prefix:
+        q = q.where(J.c.id.startswith(f"{id_prefix}-", autoescape=True))  # `_` is literal
     if after:
         anchor = get_job(conn, org_id, after)
         q = q.where(
@@ -253,13 +256,16 @@ def find_jobs(
     status: str | None,
     limit: int,
     dialect: str,
+    id_prefix: str | None = None,
 ) -> list[dict]:
-    """Jobs whose `params.validated_params` contain `params` (dicts by containment)."""
+    """Jobs whose `params.validated_params` contain `params` (as jsonb `@>`), newest first."""
     q = select(J).where(J.c.org_id == org_id)
     if type:
         q = q.where(J.c.type == type)
     if status:
         q = q.where(J.c.status == status)
+    if id_prefix:
+        q = q.where(J.c.id.startswith(f"{id_prefix}-", autoescape=True))  # `_` is literal
     if dialect == "postgresql" and params:
         from sqlalchemy import type_coerce
         from sqlalchemy.dialects.postgresql import JSONB

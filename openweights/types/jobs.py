@@ -69,4 +69,9 @@ class JobFindParams(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     type: str | None = None
     status: JobStatus | None = None
+    id_prefix: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Only jobs whose id starts with `{id_prefix}-` (one kind of custom job).",
+    )
     limit: int = Field(default=100, ge=1, le=1000)

@@ -97,6 +97,11 @@ async def list_jobs(
     type: str | None = Query(default=None, max_length=64),
     limit: int = Query(default=100, ge=1, le=1000),
     after: str | None = None,
+    id_prefix: str | None = Query(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="Only jobs whose id starts with `{id_prefix}-` (one kind of custom job).",
+    ),
     p: Principal = Depends(principal),
 ) -> t.Page[t.JobObject]:
     """Jobs of the caller's org, newest first."""
@@ -104,7 +109,10 @@ async def list_jobs(
 
     def work():
         with state.db.read() as conn:
-            return q.list_jobs(conn, p.org_id, status=status, type=type, limit=limit, after=after)
+            return q.list_jobs(
+                conn, p.org_id, status=status, type=type, limit=limit, after=after,
+                id_prefix=id_prefix,
+            )  # fmt: skip
 
     rows, more = await state.call(work)
     return t.Page[t.JobObject](data=[convert.job(r) for r in rows], has_more=more)
@@ -127,6 +135,7 @@ async def find_jobs(
                 status=body.status,
                 limit=body.limit,
                 dialect=state.db.dialect,
+                id_prefix=body.id_prefix,
             )
 
     return t.Page[t.JobObject](data=[convert.job(r) for r in await state.call(work)])
