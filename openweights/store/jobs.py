@@ -287,6 +287,10 @@ def find_jobs(
     return out
 
 
+#: a key that a JSON path names plainly inside double quotes
+_PATH_KEY = re.compile(r"[^\"\\\x00-\x1f]+")
+
+
 def _scalar_leaves(want: dict, path: str) -> Iterator[tuple[str, str | int | float]]:
     """(JSON path, value) of each string, number and boolean `want` holds in nested dicts, for
     `json_extract(...) = value`: a condition every job that contains `want` meets (JSON true and
@@ -299,9 +303,6 @@ def _scalar_leaves(want: dict, path: str) -> Iterator[tuple[str, str | int | flo
             yield from _scalar_leaves(v, f'{path}."{k}"')
         elif isinstance(v, (str, int, float)) and not (isinstance(v, int) and abs(v) >= 2**63):
             yield f'{path}."{k}"', int(v) if isinstance(v, bool) else v  # bool is an int
-
-
-_PATH_KEY = re.compile(r"[^\"\\\x00-\x1f]+")
 
 
 def _contains(have: Any, want: Any) -> bool:

@@ -3,6 +3,7 @@
 from openweights.types.common import ErrorBody, ErrorResponse, Page
 from openweights.types.files import FileCheckRequest, FileCheckResponse, FileObject, Purpose
 from openweights.types.jobs import (
+    ID_PREFIX_PATTERN,
     TERMINAL_STATUSES,
     JobCreateParams,
     JobFindParams,
@@ -56,6 +57,7 @@ __all__ = [
     "Hardware",
     "HeartbeatRequest",
     "HeartbeatResponse",
+    "ID_PREFIX_PATTERN",
     "JobCreateParams",
     "JobFindParams",
     "JobObject",

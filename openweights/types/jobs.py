@@ -8,6 +8,10 @@ JobStatus = Literal["pending", "in_progress", "completed", "failed", "canceled"]
 TERMINAL_STATUSES: tuple[str, ...] = ("completed", "failed", "canceled")
 
 
+#: a job id's readable prefix (`ftjob`, a custom job's kind)
+ID_PREFIX_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+
+
 class JobCreateParams(BaseModel):
     """What a client submits. The server derives the id from `type`, `params` and `script`."""
 
@@ -16,7 +20,7 @@ class JobCreateParams(BaseModel):
     type: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$", description="Job kind, e.g. `custom`.")
     id_prefix: str = Field(
         default="job",
-        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        pattern=ID_PREFIX_PATTERN,
         description="Readable id prefix (`ftjob`).",
     )
     params: dict[str, Any] = Field(
@@ -71,7 +75,7 @@ class JobFindParams(BaseModel):
     status: JobStatus | None = None
     id_prefix: str | None = Field(
         default=None,
-        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        pattern=ID_PREFIX_PATTERN,
         description="Only jobs whose id starts with `{id_prefix}-` (one kind of custom job).",
     )
     limit: int = Field(default=100, ge=1, le=1000)

@@ -99,7 +99,7 @@ async def list_jobs(
     after: str | None = None,
     id_prefix: str | None = Query(
         default=None,
-        pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        pattern=t.ID_PREFIX_PATTERN,
         description="Only jobs whose id starts with `{id_prefix}-` (one kind of custom job).",
     ),
     p: Principal = Depends(principal),
