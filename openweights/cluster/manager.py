@@ -159,8 +159,8 @@ class StepReport:
     """What one step saw and did (logged; `ow cluster --once` prints it)."""
 
     pending: int = 0
-    pods: int = 0
-    spend_per_hour: float = 0.0
+    pods: int = 0  # ours after the step (launches included)
+    spend_per_hour: float = 0.0  # of those pods
     launched: list[str] = field(default_factory=list)
     terminated: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # job id -> why no pod was started
@@ -532,6 +532,8 @@ class ClusterManager:
                     continue
                 count += 1
                 spend += offer.price_per_hour
+                report.pods = count  # the step's report counts what it launched
+                report.spend_per_hour = round(spend, 4)
                 report.launched.append(
                     f"{pod.name} ({hw}, {offer.price_per_hour:.2f} USD/h) for {job.id}"
                 )
