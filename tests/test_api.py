@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -611,3 +612,52 @@ def test_jobs_get_org_secrets_but_never_the_cluster_managers_own(api):
     assert got["env"]["HF_TOKEN"] == "hf_x"
     assert "RUNPOD_API_KEY" not in got["env"] and "OW_MAX_WORKERS" not in got["env"]
     api.post(f"/v1/runs/{got['run']['id']}/complete", json={"status": "completed", "exit_code": 0})
+
+
+def test_a_jobs_many_mounted_files_upload_together_sync_and_async(server, api_key, tmp_path):
+    """The files the server lacks go `UPLOAD_CONCURRENCY` at a time (the large one alone): each
+    stored with its bytes, under the id computed locally; a second call sends none; a file that
+    cannot be read fails the call with its name (no upload left running)."""
+    import asyncio
+
+    from openweights import AsyncOpenWeights, OpenWeights, OpenWeightsError
+    from openweights.client.files import PROGRESS_MIN_BYTES, file_id_of_path
+
+    def tree(name: str) -> dict[str, Path]:
+        d = tmp_path / name
+        d.mkdir()
+        paths = {}
+        for i in range(40):
+            p = d / f"m{i}.py"
+            p.write_text(f"# {name} {i}\n" * (i + 1))
+            paths[file_id_of_path("custom_job_file", p)] = p
+        big = d / "weights.bin"
+        big.write_bytes(name.encode() * (PROGRESS_MIN_BYTES // len(name) + 1))
+        paths[file_id_of_path("custom_job_file", big)] = big
+        return paths
+
+    ow = OpenWeights(base_url=server.url, api_key=api_key)
+    sync_paths, async_paths, gone = tree("sync"), tree("async"), tree("gone")
+    victim = next(p for p in gone.values() if p.name == "m7.py")
+    victim.unlink()  # after its id was computed, replaced by what cannot be read: the upload
+    victim.mkdir()  # fails while the others are in flight
+    assert ow.files._upload_paths(sync_paths, purpose="custom_job_file") == {
+        f: f for f in sync_paths
+    }
+    with pytest.raises(OpenWeightsError, match="m7.py"):
+        ow.files._upload_paths(gone, purpose="custom_job_file")
+
+    async def in_async() -> None:
+        async with AsyncOpenWeights(base_url=server.url, api_key=api_key) as aow:
+            got = await aow.files._upload_paths(async_paths, purpose="custom_job_file")
+            assert got == {f: f for f in async_paths}
+            with pytest.raises(OpenWeightsError, match="m7.py"):
+                await aow.files._upload_paths(gone, purpose="custom_job_file")
+            for _ in range(5):  # the canceled uploads unwind
+                await asyncio.sleep(0)
+            assert {t for t in asyncio.all_tasks() if t is not asyncio.current_task()} == set()
+
+    asyncio.run(in_async())
+    for fid, p in {**sync_paths, **async_paths}.items():
+        assert ow.files.content(fid) == p.read_bytes(), p
+    assert ow.files.check(list(sync_paths) + list(async_paths)) == []

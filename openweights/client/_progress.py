@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["PROGRESS_MIN_BYTES", "JobStatusLine", "byte_bar", "stderr_is_tty"]
+__all__ = ["PROGRESS_MIN_BYTES", "JobStatusLine", "byte_bar", "count_bar", "stderr_is_tty"]
 
 #: Transfers smaller than this get no bar: it would only flash.
 PROGRESS_MIN_BYTES = 8 << 20
@@ -63,6 +63,24 @@ def byte_bar(total: int | None, desc: str, *, show: bool | None = None) -> Any:
         file=sys.stderr,
         leave=False,
         dynamic_ncols=True,
+    )
+
+
+#: Fewer items than this get no count bar.
+PROGRESS_MIN_ITEMS = 20
+
+
+def count_bar(total: int, desc: str, *, show: bool | None = None) -> Any:
+    """A count progress bar (files of a job's mounts) for `PROGRESS_MIN_ITEMS` or more, on a TTY.
+    Its `update` may be called from several threads (tqdm locks)."""
+    if show is None:
+        show = total >= PROGRESS_MIN_ITEMS and stderr_is_tty()
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="file", file=sys.stderr, leave=False, dynamic_ncols=True
     )
 
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from openweights._exceptions import OpenWeightsError
 from openweights.client._models import File
-from openweights.client._progress import PROGRESS_MIN_BYTES, byte_bar
+from openweights.client._progress import PROGRESS_MIN_BYTES, byte_bar, count_bar
 from openweights.client._resource import AsyncResource, SyncResource
 
 __all__ = ["AsyncFiles", "File", "Files", "compute_file_id", "file_id_of_path", "is_file_id"]
@@ -28,6 +28,9 @@ CHUNK_BYTES = 1 << 20
 UPLOAD_TIMEOUT_S = 600.0
 #: `POST /v1/files/check` takes at most this many ids at once.
 CHECK_BATCH = 10_000
+#: small files of one call (a job's mounts) in flight at once, each its own request; larger ones
+#: (over `PROGRESS_MIN_BYTES`) go one at a time, each with its progress bar
+UPLOAD_CONCURRENCY = 8
 _FILE_ID = re.compile(r"^[a-z_]+:file-[0-9a-f]{12}$")
 
 FileInput = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | tuple
@@ -268,9 +271,31 @@ class Files(SyncResource):
         return missing
 
     def _upload_paths(self, paths: dict[str, Path], *, purpose: str) -> dict[str, str]:
-        """Upload the files whose locally computed id the server lacks; local id → server id."""
+        """Upload the files whose locally computed id the server lacks; local id → server id.
+        Small ones `UPLOAD_CONCURRENCY` at a time (one request each), large ones in turn."""
+        from concurrent.futures import ThreadPoolExecutor
+
         ids = {fid: fid for fid in paths}
-        for fid in self.check(list(paths)):
+        small, large = _by_size(self.check(list(paths)), paths)
+        if small:
+            bar = count_bar(len(small), "upload files")
+
+            def send(fid: str) -> str:
+                out = self._send(_source(paths[fid]), purpose).id
+                bar.update()
+                return out
+
+            try:
+                with ThreadPoolExecutor(min(UPLOAD_CONCURRENCY, len(small))) as pool:
+                    futures = [pool.submit(send, fid) for fid in small]
+                    try:
+                        ids.update(zip(small, (f.result() for f in futures), strict=True))
+                    finally:  # a failed upload: those not started yet are not sent
+                        for f in futures:
+                            f.cancel()
+            finally:
+                bar.close()
+        for fid in large:
             ids[fid] = self._send(_source(paths[fid]), purpose).id
         return ids
 
@@ -373,6 +398,33 @@ class AsyncFiles(AsyncResource):
 
     async def _upload_paths(self, paths: dict[str, Path], *, purpose: str) -> dict[str, str]:
         ids = {fid: fid for fid in paths}
-        for fid in await self.check(list(paths)):
+        small, large = _by_size(await self.check(list(paths)), paths)
+        if small:
+            bar = count_bar(len(small), "upload files")
+            gate = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+            async def send(fid: str) -> str:
+                async with gate:
+                    out = (await self._send(_source(paths[fid]), purpose)).id
+                bar.update()
+                return out
+
+            tasks = [asyncio.ensure_future(send(fid)) for fid in small]
+            try:
+                ids.update(zip(small, await asyncio.gather(*tasks), strict=True))
+            finally:  # a failed upload: the others are not left running
+                for task in tasks:
+                    task.cancel()
+                bar.close()
+        for fid in large:
             ids[fid] = (await self._send(_source(paths[fid]), purpose)).id
         return ids
+
+
+def _by_size(ids: Iterable[str], paths: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """(small, large): the files under `PROGRESS_MIN_BYTES`, and the others."""
+    small: list[str] = []
+    large: list[str] = []
+    for fid in ids:
+        (small if paths[fid].stat().st_size < PROGRESS_MIN_BYTES else large).append(fid)
+    return small, large
